@@ -1,0 +1,31 @@
+# sa-kit: `make demo` runs the main job, `make test` runs every test and notebook.
+# Both build a local virtualenv (.venv) from nothing the first time.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sa-kit-installed
+
+.PHONY: demo test lab bench clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[diffusion,eval,dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)  ## forget digit 0 of an MNIST cVAE, offline, cpu profile
+	SA_KIT_PROFILE=$${SA_KIT_PROFILE:-cpu} $(BIN)/python -m sa_kit.demo
+
+test: $(STAMP)  ## unit tests + every notebook under nbval, ci profile
+	SA_KIT_PROFILE=ci $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--durations=10 -q
+
+lab: $(STAMP)  ## JupyterLab on the chapters
+	$(BIN)/jupyter lab notebooks
+
+bench: $(STAMP)  ## print the measured speed-ups
+	$(BIN)/python benchmarks/fisher_speed.py
+
+clean-cache:  ## forget every cached model, Fisher and dataset
+	rm -rf "$${SA_KIT_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/sa_kit}"

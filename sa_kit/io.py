@@ -1,0 +1,136 @@
+"""Safe, atomic, self-describing artifacts: weights, Fisher files and checkpoints.
+
+Every tensor file the kit writes is a safetensors file written to a temporary name and renamed
+into place (a killed process never leaves half a file behind). Its metadata carries a hash of
+the config that produced it, so a stale or corrupt cache is detected and rebuilt instead of
+silently reused. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+def cache_dir() -> Path:
+    """Where cached weights, Fisher files and datasets live: ``$SA_KIT_CACHE`` or the user cache."""
+    root = os.environ.get("SA_KIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "sa_kit")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short, stable hash of a JSON-able config (what made an artifact)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 meta: Mapping[str, Any] | None = None) -> Path:
+    """Save tensors as safetensors, atomically, with JSON-encoded ``meta`` in the header."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"sa_kit": json.dumps(dict(meta or {}), sort_keys=True, default=str)}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_tensors`; returns ``(tensors, meta)``.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is truncated, corrupt or not a safetensors file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("sa_kit", "{}")
+        tensors = load_file(str(path), device=str(device))
+        meta = json.loads(raw)
+    except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{e}") from None
+    return tensors, meta
+
+
+def load_cached(path: str | os.PathLike, config_key: str) -> dict[str, torch.Tensor] | None:
+    """Return the tensors in ``path`` if it exists, reads cleanly and was made by ``config_key``.
+
+    A corrupt file or one made by another config is reported (a warning) and ``None`` is
+    returned, so the caller rebuilds it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = load_tensors(path)
+    except ValueError as e:
+        warnings.warn(f"cache file is unreadable and will be rebuilt: {e}", stacklevel=2)
+        return None
+    if meta.get("config_hash") != config_key:
+        warnings.warn(f"cache file {path} was made by another config "
+                      f"({meta.get('config_hash')} != {config_key}); rebuilding", stacklevel=2)
+        return None
+    return tensors
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+    return atomic_write(path, write)
+
+
+def load_or_train(name: str, model: "torch.nn.Module", config: Mapping[str, Any],
+                  train: Callable[["torch.nn.Module"], Any], verbose: bool = True
+                  ) -> "torch.nn.Module":
+    """Load ``model``'s weights from the cache if made by ``config``; else ``train`` and cache.
+
+    The file is ``cache_dir()/name-<hash>.safetensors``; its metadata records the config hash,
+    so changing the config (or the model) retrains instead of loading stale weights.
+    """
+    key = config_hash({"name": name, "model": getattr(model, "config", None), **config})
+    path = cache_dir() / f"{name}-{key}.safetensors"
+    state = load_cached(path, key)
+    if state is not None:
+        model.load_state_dict(state)
+        if verbose:
+            print(f"{name}: loaded cached weights ({path.name})")
+    else:
+        train(model)
+        save_tensors(path, model.state_dict(), {"kind": "weights", "config_hash": key,
+                                                "name": name})
+        if verbose:
+            print(f"{name}: trained and cached ({path.name})")
+    return model.eval()
