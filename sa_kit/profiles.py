@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,14 +24,42 @@ PROFILES = ("ci", "cpu", "gpu")
 class MNISTSizes:
     """Chapter 1: the MNIST conditional VAE (sizes of every stage)."""
 
-    vae_epochs: int = 30
-    classifier_epochs: int = 8
+    vae_steps: int = 6000
+    classifier_steps: int = 800
     fisher_samples: int = 10_000
-    forget_steps: int = 1500
-    batch_size: int = 256
-    lr: float = 1e-4
+    forget_steps: int = 2500
+    batch_size: int = 128
+    lr: float = 1e-3
+    lmbda: float = 100.0
+    gamma: float = 1.0
     eval_samples: int = 1000  # generated samples per class for the metrics
     widget_steps: int = 300
+
+
+# Chapter 1 sizes per profile.
+MNIST = {
+    "ci": MNISTSizes(vae_steps=3000, classifier_steps=300, fisher_samples=2000,
+                     forget_steps=500, eval_samples=200, widget_steps=100),
+    "cpu": MNISTSizes(),
+    "gpu": MNISTSizes(vae_steps=20_000, classifier_steps=3000, fisher_samples=50_000,
+                      forget_steps=10_000, eval_samples=2000, widget_steps=2000),
+}
+
+
+@dataclass(frozen=True)
+class DDPMSizes:
+    """Chapter 2: the class-conditional DDPM (filled in by chapter 2)."""
+
+
+DDPM = {"ci": DDPMSizes(), "cpu": DDPMSizes(), "gpu": DDPMSizes()}
+
+
+@dataclass(frozen=True)
+class SDSizes:
+    """Chapter 3: Stable Diffusion (filled in by chapter 3)."""
+
+
+SD = {"ci": SDSizes(), "cpu": SDSizes(), "gpu": SDSizes()}
 
 
 @dataclass(frozen=True)
@@ -40,7 +68,9 @@ class Profile:
 
     name: str
     device: str
-    mnist: MNISTSizes = field(default_factory=MNISTSizes)
+    mnist: MNISTSizes
+    ddpm: DDPMSizes
+    sd: SDSizes
 
 
 def _default_name() -> str:
@@ -57,12 +87,4 @@ def get_profile(name: str | None = None) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"SA_KIT_PROFILE must be one of {PROFILES}, got {name!r}")
     device = "cuda" if (name == "gpu" and torch.cuda.is_available()) else "cpu"
-    if name == "ci":
-        mnist = MNISTSizes(vae_epochs=12, classifier_epochs=3, fisher_samples=2000,
-                           forget_steps=400, eval_samples=200, widget_steps=60)
-    elif name == "cpu":
-        mnist = MNISTSizes()
-    else:
-        mnist = MNISTSizes(vae_epochs=100, classifier_epochs=15, fisher_samples=50_000,
-                           forget_steps=10_000, eval_samples=2000, widget_steps=1000)
-    return Profile(name=name, device=device, mnist=mnist)
+    return Profile(name=name, device=device, mnist=MNIST[name], ddpm=DDPM[name], sd=SD[name])
