@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -72,7 +73,8 @@ def unet_fisher(adapter: SDAdapter, latents: Tensor, prompts: Sequence[str], see
         idx = mine[start:start + batch_size]
         x = latents[idx].to(device, next(adapter.parameters()).dtype)
         c = adapter.encode_prompts([prompts[i] for i in idx])
-        with autocast:
+        with autocast, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap over SDPA
             part = ESTIMATORS[estimator](adapter, x, c, item_noise(adapter, x, idx, seed),
                                          **kwargs)
         for k, v in part.items():
