@@ -106,3 +106,68 @@ def load_mnist(source: str = "auto", verbose: bool = True) -> ImageData:
     if verbose:
         print(f"MNIST source: {data.source} -- {len(data)} images")
     return data
+
+
+# --- Chapter 2: CIFAR-10 and its offline stand-in -------------------------------------------
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def load_torchvision_cifar10(train: bool = True) -> ImageData:
+    """CIFAR-10 via torchvision (downloads into the cache dir the first time), x in [0, 1]."""
+    from torchvision.datasets import CIFAR10
+    root = cache_dir() / "torchvision"
+    with _socket_timeout(10):
+        ds = CIFAR10(root, train=train, download=True)
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+    return ImageData(x, torch.as_tensor(ds.targets).long(),
+                     f"torchvision CIFAR-10 ({'train' if train else 'test'})", CIFAR10_CLASSES)
+
+
+def digits_rgb(image_size: int = 32, verbose: bool = True) -> ImageData:
+    """The offline stand-in for CIFAR-10: the embedded MNIST digits as RGB images.
+
+    The 5,000 real digits (see :func:`load_embedded_mnist`) are padded from 28x28 to 32x32 (as
+    in the DDPM paper's MNIST setups), resized to ``image_size`` if that is not 32, and the grey
+    channel is repeated three times, so the model sees CIFAR-10's shape ``(3, size, size)``.
+    """
+    import torch.nn.functional as F
+
+    mnist = load_embedded_mnist()
+    x = F.pad(mnist.x, (2, 2, 2, 2))                         # 28x28 -> 32x32, digit centred
+    if image_size != 32:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                          antialias=True, align_corners=False).clamp(0, 1)
+    data = ImageData(x.repeat(1, 3, 1, 1).contiguous(), mnist.y,
+                     f"offline stand-in for CIFAR-10: embedded MNIST digits as "
+                     f"{image_size}x{image_size} RGB", mnist.classes)
+    if verbose:
+        print(f"DDPM data source: {data.source} -- {len(data)} images")
+    return data
+
+
+def load_cifar10(source: str = "auto", image_size: int = 32, verbose: bool = True) -> ImageData:
+    """CIFAR-10 as :class:`ImageData`, or its offline stand-in (:func:`digits_rgb`).
+
+    Args:
+        source: ``"auto"`` (torchvision CIFAR-10 if it can be had, else the digits),
+            ``"torchvision"`` (fail without it) or ``"digits"`` (the offline stand-in).
+        image_size: side of the stand-in's images (CIFAR-10 itself is always 32).
+        verbose: print which source is in use -- every output should name it.
+    """
+    if source not in ("auto", "torchvision", "digits"):
+        raise ValueError(f"source must be 'auto', 'torchvision' or 'digits', got {source!r}")
+    if source == "torchvision" or (source == "auto" and not offline()):
+        try:
+            data = load_torchvision_cifar10(train=True)
+            if verbose:
+                print(f"DDPM data source: {data.source} -- {len(data)} images")
+            return data
+        except Exception as e:  # no network, blocked host, ...
+            if source == "torchvision":
+                raise RuntimeError(f"could not load CIFAR-10 through torchvision: {e}") from e
+            if verbose:
+                print(f"CIFAR-10 is not available ({type(e).__name__}); using the offline "
+                      "stand-in")
+    return digits_rgb(image_size, verbose)
