@@ -54,18 +54,36 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _word_merges(words: set[str]) -> list[tuple[str, str]]:
-    """BPE merges that spell each word left to right, so every known word is one token."""
+    """Learn BPE merges (Sennrich et al.) until every word is one token.
+
+    Standard BPE training: repeatedly merge the most frequent adjacent pair (ties broken
+    alphabetically, so the files are deterministic). Encoding with these ranks reproduces the
+    training segmentation, so every known word becomes a single ``word</w>`` token.
+    """
+    corpus = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(words)]
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in sorted(words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            left = left + right
-    return merges
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in corpus:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        corpus = [_merge(word, best) for word in corpus]
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
 
 def write_tokenizer_files(folder: str | os.PathLike) -> Path:
@@ -101,7 +119,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    tok_dir = write_tokenizer_files(folder / "_tokenizer_src")
+    tok_dir = write_tokenizer_files(folder / "tokenizer")  # kept: older readers use them
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
@@ -119,7 +137,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
 def tiny_pipeline_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """The cached folder of the tiny pipeline for ``seed`` (built once, then reused)."""
     key = config_hash({"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "seed": seed,
-                       "version": 1})
+                       "version": 3})
     folder = Path(root) if root is not None else cache_dir() / f"sd-tiny-{key}"
     if not (folder / "model_index.json").exists():
         tmp = folder.with_name(folder.name + f".building-{os.getpid()}")

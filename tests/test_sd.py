@@ -1,0 +1,283 @@
+"""Chapter 3: Selective Amnesia for Stable Diffusion, offline on the tiny random pipeline (CPU).
+
+Every test uses a private cache under pytest's tmp folder and never touches the network.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from sa_kit.fisher import fisher_per_sample  # noqa: E402
+from sa_kit.io import load_tensors  # noqa: E402
+from sa_kit.objective import ForgettableModel  # noqa: E402
+from sa_kit.sd import prompts as P  # noqa: E402
+from sa_kit.sd.adapter import SDAdapter, is_cross_attention, select_parameters  # noqa: E402
+from sa_kit.sd.dataset import LatentDataset, build_dataset  # noqa: E402
+from sa_kit.sd.fisher import item_noise, load_unet_fisher, save_unet_fisher, unet_fisher  # noqa: E402,E501
+from sa_kit.sd.forget import SDForgetConfig, load_config, main, run  # noqa: E402
+from sa_kit.sd.pipeline import TINY_UNET, is_tiny, load_pipeline, tiny_pipeline_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache(tmp_path_factory):
+    """A private SA_KIT_CACHE, no hub access, one thread (2 shared cores: threads only fight)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SA_KIT_CACHE", str(tmp_path_factory.mktemp("sd_cache")))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="module")
+def replay_set(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("replay")
+    build_dataset(pipe, P.replay_prompts(6), out, num_inference_steps=2, batch_size=3,
+                  progress=False)
+    return LatentDataset(out)
+
+
+def _config(out: Path, **kw) -> dict:
+    cfg = dict(output_dir=str(out), model="tiny", forget_prompt="brad pitt", train_method="xattn",
+               steps=4, batch_size=2, lr=1e-3, num_surrogate=4, num_replay=6, gen_steps=2,
+               gen_batch_size=4, fisher_batch_size=3, checkpoint_every=2, lmbda=50.0)
+    cfg.update(kw)
+    return cfg
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+# -- pipeline and prompts ---------------------------------------------------------------------
+
+def test_tiny_pipeline_builds_and_generates_offline(pipe):
+    folder = tiny_pipeline_dir()
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt", "scheduler"):
+        assert (folder / part).exists(), part
+    assert is_tiny(pipe) and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    gen = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    a = pipe(["a photo of a cat", "a dog"], num_inference_steps=2, generator=gen(),
+             output_type="np").images
+    b = pipe(["a photo of a cat", "a dog"], num_inference_steps=2, generator=gen(),
+             output_type="np").images
+    assert a.shape == (2, 32, 32, 3) and (a >= 0).all() and (a <= 1).all()
+    assert (a == b).all() and not (a[0] == a[1]).all()
+
+
+def test_kit_tokenizer_knows_prompt_words(pipe):
+    ids = pipe.tokenizer("a photo of brad pitt in a park").input_ids
+    assert len(ids) == 2 + 8  # bos + one token per word + eos
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True).strip() == \
+        "a photo of brad pitt in a park"
+
+
+def test_prompt_set_is_deterministic_and_diverse():
+    prompts = P.replay_prompts(3000)
+    assert prompts == P.replay_prompts(3000) and prompts[:100] == P.replay_prompts(100)
+    assert len(set(prompts)) == 3000
+    assert P.replay_prompts(50, seed=1) != P.replay_prompts(50, seed=0)
+    subjects = {s for s in P.SUBJECTS if any(s + " " in p for p in prompts)}
+    assert len(subjects) == len(P.SUBJECTS) >= 50
+    assert not any("dog" in p for p in P.replay_prompts(500, exclude=["dog"]))
+    pairs = P.mapping_pairs("brad pitt", "a middle aged man", 20)
+    assert len(set(pairs)) == 20
+    assert all(f.replace("brad pitt", "a middle aged man") == s for f, s in pairs)
+    assert P.surrogate_for("Brad Pitt") == "a middle aged man"
+
+
+# -- the adapter ------------------------------------------------------------------------------
+
+def test_adapter_is_a_forgettable_model(pipe, replay_set):
+    model = SDAdapter.from_pipeline(pipe, sample_steps=2)
+    assert isinstance(model, ForgettableModel)
+    assert all(k.startswith("unet.") for k, _ in model.named_parameters())
+    x, c = replay_set.latents[:3], model.encode_prompts(replay_set.prompts[:3])
+    noise = model.draw_noise(x)
+    batched = model.neg_elbo(x, c, noise)
+    single = torch.cat([model.neg_elbo(x[i:i + 1], c[i:i + 1], (noise[0][i:i + 1],
+                                                               noise[1][i:i + 1]))
+                        for i in range(3)])
+    assert batched.shape == (3,) and torch.allclose(batched, single, rtol=1e-5, atol=1e-6)
+    assert model.sample(["a cat", "a dog"]).shape == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("method", ["full", "xattn", "noxattn"])
+def test_train_method_selects_parameters(pipe, method):
+    unet = copy.deepcopy(pipe.unet)
+    names = set(select_parameters(unet, method))
+    every = {k for k, _ in unet.named_parameters()}
+    xattn = {k for k in every if is_cross_attention(k)}
+    assert xattn and all(".attn2." in k for k in xattn)
+    expected = {"full": every, "xattn": xattn, "noxattn": every - xattn}[method]
+    assert names == expected
+    assert {k for k, p in unet.named_parameters() if p.requires_grad} == expected
+
+
+# -- Fisher -----------------------------------------------------------------------------------
+
+def test_unet_fisher_matches_per_sample_reference(pipe, replay_set):
+    model = SDAdapter.from_pipeline(pipe)
+    select_parameters(model.unet, "full")
+    x, prompts = replay_set.latents, replay_set.prompts
+    fast = unet_fisher(model, x, prompts, seed=3, batch_size=4, progress=False)
+    # the reference: one backward per sample with the same per-item (t, eps)
+    ref = fisher_per_sample(model, x, model.encode_prompts(prompts),
+                            item_noise(model, x, range(len(x)), seed=3))
+    assert set(fast) == set(ref) == {k for k, _ in model.named_parameters()}
+    for k in ref:
+        assert torch.allclose(fast[k], ref[k], rtol=1e-4, atol=1e-10), k
+    assert sum(float(v.sum()) for v in fast.values()) > 0
+    chunked = unet_fisher(model, x, prompts, seed=3, batch_size=1, estimator="per_sample",
+                          progress=False)
+    assert all(torch.allclose(fast[k], chunked[k], rtol=1e-4, atol=1e-10) for k in ref)
+
+
+def test_fisher_file_roundtrip_and_other_unet_refused(pipe, replay_set, tmp_path):
+    from diffusers import UNet2DConditionModel
+    model = SDAdapter.from_pipeline(pipe)
+    select_parameters(model.unet, "xattn")
+    fisher = unet_fisher(model, replay_set.latents, replay_set.prompts, progress=False)
+    save_unet_fisher(tmp_path / "f.safetensors", fisher, model)
+    loaded = load_unet_fisher(tmp_path / "f.safetensors", model)
+    assert all(torch.equal(loaded[k], fisher[k]) for k in fisher)
+    torch.manual_seed(1)  # same architecture, other weights
+    other = SDAdapter(UNet2DConditionModel(**TINY_UNET), pipe.text_encoder, pipe.tokenizer,
+                      pipe.scheduler)
+    select_parameters(other.unet, "xattn")
+    with pytest.raises(ValueError, match="another UNet"):
+        load_unet_fisher(tmp_path / "f.safetensors", other)
+    bigger = SDAdapter(UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (8, 24)}),
+                       pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    with pytest.raises(ValueError, match="another UNet"):
+        load_unet_fisher(tmp_path / "f.safetensors", bigger)
+
+
+# -- dataset builder --------------------------------------------------------------------------
+
+def _manifest_items(folder: Path) -> int:
+    try:
+        return len(json.loads((folder / "manifest.json").read_text())["items"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_dataset_builder_resumes_after_sigkill(pipe, tmp_path):
+    out, n = tmp_path / "killed", 12
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sa_kit.sd.dataset", "--model", str(tiny_pipeline_dir()),
+           "--out", str(out), "--num-prompts", str(n), "--batch-size", "2", "--steps", "2",
+           "--sleep", "0.4"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _manifest_items(out) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _manifest_items(out)
+    assert 4 <= done_before < n, "the build must be interrupted mid-way"
+    build_dataset(pipe, P.replay_prompts(n), out, num_inference_steps=2, batch_size=5,
+                  progress=False)
+    fresh = tmp_path / "fresh"
+    build_dataset(pipe, P.replay_prompts(n), fresh, num_inference_steps=2, batch_size=4,
+                  progress=False)
+    resumed, reference = LatentDataset(out), LatentDataset(fresh)
+    assert len(resumed) == n and resumed.prompts == P.replay_prompts(n)
+    assert torch.allclose(resumed.latents, reference.latents, atol=1e-5)
+    assert sorted(p.name for p in (out / "items").iterdir()) == \
+        [f"{i:06d}.safetensors" for i in range(n)]          # each item once, no temp files
+    assert len(list((out / "images").iterdir())) == n
+    for f in (out / "items").iterdir():
+        load_tensors(f)                                     # none corrupt
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+def test_cli_runs_end_to_end_and_resumes(tmp_path):
+    full = tmp_path / "full"
+    main(["--config", str(_write(tmp_path / "a.json", _config(full)))])
+    out = load_pipeline(str(full / "pipeline"))
+    base = load_pipeline("tiny")
+    changed = {k for k, p in out.unet.named_parameters()
+               if not torch.equal(p, dict(base.unet.named_parameters())[k])}
+    assert changed and all(is_cross_attention(k) for k in changed)  # xattn only
+    history = json.loads((full / "history.json").read_text())
+    assert history["step"] == [1, 2, 3, 4] and all(map(torch.isfinite, map(torch.tensor,
+                                                                            history["loss"])))
+    assert (full / "fisher.safetensors").exists()
+    # interrupted after step 2, resumed to 4: the same weights as the uninterrupted run
+    part = tmp_path / "part"
+    run(load_config(_write(tmp_path / "b.json", _config(part, steps=2))))
+    assert (part / "checkpoints" / "step-2" / "state.json").exists()
+    main(["--config", str(tmp_path / "b.json"), "steps=4"])
+    resumed = load_pipeline(str(part / "pipeline"))
+    for (k, p), (_, q) in zip(out.unet.named_parameters(), resumed.unet.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), k
+    assert json.loads((part / "history.json").read_text())["loss"] == pytest.approx(
+        history["loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
+def test_accelerate_two_processes_give_the_same_fisher(tmp_path):
+    one = run(load_config(_write(tmp_path / "one.json", _config(tmp_path / "one"))),
+              stage="fisher")["fisher"]
+    cfg = _write(tmp_path / "two.json", _config(tmp_path / "two"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "29517"]
+    res = subprocess.run(launcher + ["-m", "sa_kit.sd.forget", "--config", str(cfg), "--stage",
+                                     "fisher"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two, meta = load_tensors(tmp_path / "two" / "fisher.safetensors")
+    assert set(two) == set(one) and meta["num_items"] == 6
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-12), k
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_bad_input_gives_clear_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="train_method"):
+        select_parameters(copy.deepcopy(pipe.unet), "attention")
+    with pytest.raises(ValueError, match="train_method"):
+        SDForgetConfig(**_config(tmp_path, train_method="everything"))
+    with pytest.raises(ValueError, match="surrogate_prompt equals"):
+        SDForgetConfig(**_config(tmp_path, surrogate_prompt="Brad Pitt "))
+    with pytest.raises(ValueError, match="prompts must be a non-empty"):
+        build_dataset(pipe, [], tmp_path / "empty")
+    model = SDAdapter.from_pipeline(pipe)
+    with pytest.raises(ValueError, match="prompts must be a non-empty"):
+        model.encode_prompts([])
+    with pytest.raises(ValueError, match="prompts must be a non-empty"):
+        unet_fisher(model, torch.zeros(0, 4, 4, 4), [])
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(_write(tmp_path / "bad.json", {**_config(tmp_path), "lamda": 3}))
+    with pytest.raises(ValueError, match="no default surrogate"):
+        SDForgetConfig(output_dir=str(tmp_path), forget_prompt="a purple cow")
+    with pytest.raises(ValueError, match="lmbda"):
+        SDForgetConfig(**_config(tmp_path, lmbda=-1.0))
