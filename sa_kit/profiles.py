@@ -56,10 +56,41 @@ DDPM = {"ci": DDPMSizes(), "cpu": DDPMSizes(), "gpu": DDPMSizes()}
 
 @dataclass(frozen=True)
 class SDSizes:
-    """Chapter 3: Stable Diffusion (filled in by chapter 3)."""
+    """Chapter 3: Stable Diffusion. ``model="tiny"`` is the offline random pipeline (noise).
+
+    The gpu sizes fit a notebook walkthrough on one GPU; a full forgetting run (paper: 1000
+    surrogate images, ~5000 Fisher prompts, full UNet) is a job for ``python -m
+    sa_kit.sd.forget``.
+    """
+
+    model: str = "tiny"
+    forget_prompt: str = "brad pitt"
+    train_method: str = "xattn"
+    steps: int = 60
+    batch_size: int = 4
+    lr: float = 1e-3
+    lmbda: float = 50.0
+    gamma: float = 1.0
+    num_surrogate: int = 16
+    num_replay: int = 32
+    gen_steps: int = 2
+    guidance_scale: float = 7.5
+    grid_prompts: int = 4
+    widget_steps: int = 20
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cpu_threads: int | None = 1  # tiny models only lose time to thread contention
 
 
-SD = {"ci": SDSizes(), "cpu": SDSizes(), "gpu": SDSizes()}
+# Chapter 3 sizes per profile.
+SD = {
+    "ci": SDSizes(steps=40, num_surrogate=8, num_replay=16, grid_prompts=3, widget_steps=8),
+    "cpu": SDSizes(),
+    "gpu": SDSizes(model="CompVis/stable-diffusion-v1-4", steps=200, batch_size=4, lr=1e-5,
+                   num_surrogate=64, num_replay=256, gen_steps=50, grid_prompts=4,
+                   widget_steps=50, mixed_precision="bf16", gradient_checkpointing=True,
+                   cpu_threads=None),
+}
 
 
 @dataclass(frozen=True)
