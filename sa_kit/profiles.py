@@ -65,7 +65,7 @@ class SDSizes:
 
     model: str = "tiny"
     forget_prompt: str = "brad pitt"
-    train_method: str = "xattn"
+    train_method: str = "full"  # the paper's celebrity setting
     steps: int = 60
     batch_size: int = 4
     lr: float = 1e-3

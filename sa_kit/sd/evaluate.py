@@ -1,0 +1,149 @@
+"""Evaluating a forgetful Stable Diffusion: before/after grids and optional detectors.
+
+* :func:`before_after` draws the same prompts with the same seeds from the original and the
+  forgetful pipeline -- forget prompts (should now show the surrogate) and control prompts
+  (should look the same) -- and :func:`grid_figure` lays them out.
+* :func:`output_change` measures, per prompt group, how far the final latents moved: a purely
+  mechanical number that works on the tiny random pipeline too (forget prompts should move
+  more than control prompts).
+* Optional, clearly labelled extras: :func:`nudenet_counts` (the paper's nudity metric; needs
+  the ``nudenet`` package, whose detector model has its own licence) and
+  :func:`clip_concept_score` (a zero-shot CLIP score, *not* a metric of the paper; needs CLIP
+  weights, so it returns None offline).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from sa_kit.sd.dataset import decode_images
+
+CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+@torch.no_grad()
+def generate(pipe: Any, prompts: Sequence[str], seed: int = 0, steps: int = 50,
+             guidance_scale: float = 7.5) -> Tensor:
+    """Final latents for ``prompts``; prompt i uses seed ``seed + i`` (comparable runs)."""
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
+             size // pipe.vae_scale_factor)
+    init = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                height=size, width=size, latents=init.to(pipe.unet.device, pipe.unet.dtype),
+                output_type="latent").images
+
+
+def before_after(before: Any, after: Any, forget_prompts: Sequence[str],
+                 control_prompts: Sequence[str], seed: int = 0, steps: int = 50,
+                 guidance_scale: float = 7.5) -> dict[str, dict[str, Any]]:
+    """Latents and images of both pipelines on the same prompts and seeds.
+
+    Returns:
+        ``{"forget": {...}, "control": {...}}``, each with ``prompts``, ``before``/``after``
+        latents and ``before_images``/``after_images`` (PIL).
+    """
+    out = {}
+    for group, prompts in (("forget", forget_prompts), ("control", control_prompts)):
+        row: dict[str, Any] = {"prompts": list(prompts)}
+        for name, pipe in (("before", before), ("after", after)):
+            lat = generate(pipe, prompts, seed, steps, guidance_scale)
+            row[name], row[f"{name}_images"] = lat.float().cpu(), decode_images(pipe, lat)
+        out[group] = row
+    return out
+
+
+def output_change(result: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Mean squared change of the final latents, per group (forget vs control)."""
+    return {g: float(((r["after"] - r["before"]) ** 2).mean()) for g, r in result.items()}
+
+
+def grid_figure(result: dict[str, dict[str, Any]], title: str = "") -> Any:
+    """A matplotlib figure: one column per prompt, rows before/after, forget then control."""
+    import matplotlib.pyplot as plt
+    cols = max(len(r["prompts"]) for r in result.values())
+    fig, axes = plt.subplots(2 * len(result), cols, figsize=(2.2 * cols, 4.6 * len(result)),
+                             squeeze=False)
+    for gi, (group, r) in enumerate(result.items()):
+        for si, stage in enumerate(("before", "after")):
+            for j in range(cols):
+                ax = axes[2 * gi + si, j]
+                ax.axis("off")
+                if j < len(r["prompts"]):
+                    ax.imshow(r[f"{stage}_images"][j])
+                    ax.set_title(f"{group}/{stage}\n{r['prompts'][j][:28]}", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def set_loss(adapter: Any, latents: Tensor, prompts: Sequence[str], seed: int = 0,
+             repeats: int = 4, batch_size: int = 16) -> float:
+    """Mean negative ELBO (latent-diffusion loss) over a whole set, with fixed (t, eps).
+
+    Every item gets the same ``repeats`` draws of (t, eps) before and after training
+    (:func:`sa_kit.sd.fisher.item_noise`), so the difference measures the model, not the noise.
+    Evaluate on the surrogate set (eq. 1: should fall) and the replay set (eq. 2: should hold).
+    """
+    from sa_kit.sd.fisher import item_noise
+    device = next(adapter.parameters()).device
+    total, count = 0.0, 0
+    for r in range(repeats):
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            x = latents[idx].to(device)
+            noise = item_noise(adapter, x, [i + r * len(prompts) for i in idx], seed)
+            total += float(adapter.neg_elbo(x, [prompts[i] for i in idx], noise).sum())
+            count += len(idx)
+    return total / count
+
+
+def nudenet_counts(images: Sequence[Any], threshold: float = 0.6) -> dict[str, int] | None:
+    """Exposed-body-part counts by NudeNet (optional extra; the paper's nudity metric).
+
+    Returns None (and says so) when ``nudenet`` is not installed. The detector's ONNX model
+    ships inside the ``nudenet`` package under its own licence -- check it before use.
+    """
+    try:
+        from nudenet import NudeDetector
+    except ImportError:
+        print("nudenet is not installed: NudeNet counts skipped (pip install nudenet)")
+        return None
+    import tempfile
+    detector, counts = NudeDetector(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, img in enumerate(images):
+            path = os.path.join(tmp, f"{i}.png")
+            img.save(path)
+            for det in detector.detect(path):
+                if det["class"].endswith("_EXPOSED") and det["score"] >= threshold:
+                    counts[det["class"]] = counts.get(det["class"], 0) + 1
+    return counts
+
+
+def clip_concept_score(images: Sequence[Any], concept: str, alternative: str,
+                       model_id: str = CLIP_MODEL) -> list[float] | None:
+    """Zero-shot CLIP probability that each image shows ``concept`` rather than ``alternative``.
+
+    A convenience score, **not** a metric of the paper. Returns None (and says so) when the
+    CLIP weights cannot be loaded (offline without a cached copy).
+    """
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+        model = CLIPModel.from_pretrained(model_id).eval()
+        proc = CLIPProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        print(f"CLIP weights unavailable ({type(e).__name__}): CLIP concept score skipped")
+        return None
+    texts = [f"a photo of {concept}", f"a photo of {alternative}"]
+    with torch.no_grad():
+        inputs = proc(text=texts, images=list(images), return_tensors="pt", padding=True)
+        probs = model(**inputs).logits_per_image.softmax(-1)
+    return probs[:, 0].tolist()
