@@ -48,10 +48,46 @@ MNIST = {
 
 @dataclass(frozen=True)
 class DDPMSizes:
-    """Chapter 2: the class-conditional DDPM (filled in by chapter 2)."""
+    """Chapter 2: the class-conditional DDPM. Defaults: the published CIFAR-10 setup."""
+
+    dataset: str = "auto"  # "auto": CIFAR-10 if torchvision can get it, else "digits"
+    image_size: int = 32  # side of the offline digits (CIFAR-10 is always 32)
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 256)
+    layers_per_block: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    norm_num_groups: int = 32
+    train_steps: int = 100_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    guidance_scale: float = 2.0
+    inference_steps: int = 50
+    classifier_steps: int = 5000
+    fisher_samples: int = 5000  # published: 500 per class
+    fisher_timesteps: int = 50  # stratified timesteps per sample (of T = 1000)
+    forget_steps: int = 20_000
+    forget_batch: int = 128
+    forget_lr: float = 1e-4
+    lmbda: float = 10.0
+    gamma: float = 1.0
+    replay_buffer: int = 5000
+    eval_samples: int = 500  # generated samples per class for the metrics
+    widget_steps: int = 500
 
 
-DDPM = {"ci": DDPMSizes(), "cpu": DDPMSizes(), "gpu": DDPMSizes()}
+# Chapter 2 sizes per profile: ci/cpu learn the offline digits at 16x16 on a CPU.
+_TINY_DDPM = dict(dataset="digits", image_size=16, block_out_channels=(32, 32, 64),
+                  layers_per_block=1, attention_resolutions=(), norm_num_groups=8,
+                  batch_size=64, lr=1e-3, guidance_scale=3.0, inference_steps=10,
+                  fisher_timesteps=25, forget_batch=32, forget_lr=1e-3)
+DDPM = {
+    "ci": DDPMSizes(**_TINY_DDPM, train_steps=150, classifier_steps=150, fisher_samples=8,
+                    forget_steps=20, lmbda=10.0, replay_buffer=64, eval_samples=10,
+                    widget_steps=5),
+    "cpu": DDPMSizes(**_TINY_DDPM, train_steps=800, classifier_steps=300, fisher_samples=50,
+                     forget_steps=100, lmbda=10.0, replay_buffer=256, eval_samples=30,
+                     widget_steps=40),
+    "gpu": DDPMSizes(),
+}
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,47 @@ def train_ddpm(model: ClassConditionalDDPM, x: Tensor, y: Tensor, steps: int,
     bar.close()
     model.eval()
     return history["loss"]
+
+
+def make_ddpm(sizes: Any, num_classes: int = 10, in_channels: int = 3,
+              image_size: int = 32) -> ClassConditionalDDPM:
+    """The adapter for a profile's ``DDPMSizes`` (see :mod:`sa_kit.profiles`), random weights."""
+    unet = build_unet(num_classes, image_size, in_channels, sizes.block_out_channels,
+                      sizes.layers_per_block, sizes.attention_resolutions, sizes.norm_num_groups)
+    return ClassConditionalDDPM(unet, num_classes, guidance_scale=sizes.guidance_scale,
+                                num_inference_steps=sizes.inference_steps)
+
+
+def pretrained_ddpm(data: Any, sizes: Any, device: str = "cpu",
+                    progress: bool = True) -> ClassConditionalDDPM:
+    """Train the DDPM on ``data`` (an ``ImageData``) or load it from the cache.
+
+    The cache key holds the model config, the training settings and the data source, so a
+    changed profile retrains; an interrupted training resumes from its checkpoint.
+    """
+    from sa_kit.io import cache_dir, config_hash, load_or_train
+
+    _, ch, size, _ = data.x.shape
+    model = make_ddpm(sizes, len(data.classes), ch, size).to(device)
+    config = {"source": data.source, "n": len(data), "steps": sizes.train_steps,
+              "batch_size": sizes.batch_size, "lr": sizes.lr}
+    ckpt_dir = cache_dir() / f"ddpm-train-{config_hash({**config, 'm': model.config})}"
+
+    def train(m: ClassConditionalDDPM) -> None:
+        train_ddpm(m, data.x, data.y, sizes.train_steps, sizes.batch_size, sizes.lr,
+                   checkpoint_dir=ckpt_dir, progress=progress)
+
+    return load_or_train("ddpm", model, config, train)
+
+
+def pretrained_classifier(data: Any, sizes: Any, device: str = "cpu",
+                          progress: bool = True) -> nn.Module:
+    """The evaluation classifier, trained on the same data as the DDPM (cached)."""
+    from sa_kit.io import load_or_train
+    from sa_kit.models.classifier import Classifier, train_classifier
+
+    _, ch, size, _ = data.x.shape
+    clf = Classifier(ch, len(data.classes), size, width=32).to(device)
+    config = {"source": data.source, "n": len(data), "steps": sizes.classifier_steps}
+    return load_or_train("ddpm-classifier", clf, config, lambda m: train_classifier(
+        m, data.x, data.y, sizes.classifier_steps, progress=progress))
