@@ -1,0 +1,72 @@
+"""Chapter 1's building blocks: the data, the trained cVAE, its classifier and its Fisher.
+
+Each step is cached (safetensors, keyed by a hash of its config), so the demo, the notebook
+and the explorer widget share one trained model and one Fisher, and a rerun takes seconds.
+Each step seeds itself, so cached and fresh runs give the same numbers downstream.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from sa_kit import seed_everything
+from sa_kit.data import ImageData, load_mnist
+from sa_kit.fisher import Fisher, check_fisher, model_fisher
+from sa_kit.io import cache_dir, config_hash, load_cached, save_tensors
+from sa_kit.models.classifier import Classifier, train_classifier
+from sa_kit.models.cvae import ConditionalVAE, train_cvae
+from sa_kit.profiles import MNISTSizes
+
+
+def mnist_splits(seed: int = 0, verbose: bool = True) -> tuple[ImageData, ImageData]:
+    """MNIST shuffled (seeded) and split 90/10 into train and test."""
+    return load_mnist(verbose=verbose).split(test_fraction=0.1, seed=seed)
+
+
+def _data_tag(data: ImageData) -> dict[str, Any]:
+    return {"source": data.source, "n": len(data)}
+
+
+def pretrained_cvae(train: ImageData, sizes: MNISTSizes, device: str = "cpu", seed: int = 0,
+                    progress: bool = True) -> ConditionalVAE:
+    """The original model theta*: a cVAE trained on ``train`` (loaded from cache if made)."""
+    from sa_kit.io import load_or_train
+
+    seed_everything(seed)
+    config = {"steps": sizes.vae_steps, "seed": seed, **_data_tag(train)}
+    model = ConditionalVAE().to(device)
+    return load_or_train("mnist_cvae", model, config, lambda m: train_cvae(
+        m, train.x, train.y, sizes.vae_steps, progress=progress))
+
+
+def pretrained_classifier(train: ImageData, sizes: MNISTSizes, device: str = "cpu",
+                          seed: int = 0, progress: bool = True) -> Classifier:
+    """The evaluation classifier, trained on real digits (loaded from cache if made)."""
+    from sa_kit.io import load_or_train
+
+    seed_everything(seed)
+    config = {"steps": sizes.classifier_steps, "seed": seed, **_data_tag(train)}
+    model = Classifier(width=16).to(device)
+    return load_or_train("mnist_classifier", model, config, lambda m: train_classifier(
+        m, train.x, train.y, sizes.classifier_steps, progress=progress))
+
+
+def cvae_fisher(model: ConditionalVAE, sizes: MNISTSizes, seed: int = 0,
+                progress: bool = True) -> Fisher:
+    """The diagonal Fisher of ``model`` on its own samples of all 10 digits (cached)."""
+    weights = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+    key = config_hash({"weights": weights, "samples": sizes.fisher_samples, "seed": seed})
+    path = cache_dir() / f"mnist_fisher-{key}.safetensors"
+    fisher = load_cached(path, key)
+    if fisher is None:
+        seed_everything(seed)
+        fisher = model_fisher(model, range(model.num_classes), sizes.fisher_samples,
+                              progress=progress)
+        save_tensors(path, fisher, {"kind": "fisher", "config_hash": key,
+                                    "model": type(model).__name__, "sizes": asdict(sizes)})
+    device = next(model.parameters()).device
+    fisher = {k: v.to(device) for k, v in fisher.items()}
+    check_fisher(fisher, model)
+    return fisher
