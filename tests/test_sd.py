@@ -46,8 +46,15 @@ def offline_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("tiny")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny pipeline's folder, built once for this module (tests/conftest.py gives every
+    test its own SA_KIT_CACHE, so "tiny" would be rebuilt per test)."""
+    return str(tiny_pipeline_dir(root=tmp_path_factory.mktemp("tiny") / "pipe"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return load_pipeline(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +65,8 @@ def replay_set(pipe, tmp_path_factory):
     return LatentDataset(out)
 
 
-def _config(out: Path, **kw) -> dict:
-    cfg = dict(output_dir=str(out), model="tiny", forget_prompt="brad pitt", train_method="xattn",
+def _config(out: Path, model: str, **kw) -> dict:
+    cfg = dict(output_dir=str(out), model=model, forget_prompt="brad pitt", train_method="xattn",
                steps=4, batch_size=2, lr=1e-3, num_surrogate=4, num_replay=6, gen_steps=2,
                gen_batch_size=4, fisher_batch_size=3, checkpoint_every=2, lmbda=50.0)
     cfg.update(kw)
@@ -73,7 +80,8 @@ def _write(path: Path, cfg: dict) -> Path:
 
 # -- pipeline and prompts ---------------------------------------------------------------------
 
-def test_tiny_pipeline_builds_and_generates_offline(pipe):
+def test_tiny_pipeline_builds_and_generates_offline():
+    pipe = load_pipeline("tiny")  # built in code into this test's cache, reloaded offline
     folder = tiny_pipeline_dir()
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer/vocab.json",
                  "tokenizer/merges.txt", "scheduler"):
@@ -185,10 +193,10 @@ def _manifest_items(folder: Path) -> int:
         return 0
 
 
-def test_dataset_builder_resumes_after_sigkill(pipe, tmp_path):
+def test_dataset_builder_resumes_after_sigkill(pipe, tiny_dir, tmp_path):
     out, n = tmp_path / "killed", 12
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sa_kit.sd.dataset", "--model", str(tiny_pipeline_dir()),
+    cmd = [sys.executable, "-m", "sa_kit.sd.dataset", "--model", tiny_dir,
            "--out", str(out), "--num-prompts", str(n), "--batch-size", "2", "--steps", "2",
            "--sleep", "0.4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -216,11 +224,11 @@ def test_dataset_builder_resumes_after_sigkill(pipe, tmp_path):
 
 # -- the CLI ----------------------------------------------------------------------------------
 
-def test_cli_runs_end_to_end_and_resumes(tmp_path):
+def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
     full = tmp_path / "full"
-    main(["--config", str(_write(tmp_path / "a.json", _config(full)))])
+    main(["--config", str(_write(tmp_path / "a.json", _config(full, tiny_dir)))])
     out = load_pipeline(str(full / "pipeline"))
-    base = load_pipeline("tiny")
+    base = load_pipeline(tiny_dir)
     changed = {k for k, p in out.unet.named_parameters()
                if not torch.equal(p, dict(base.unet.named_parameters())[k])}
     assert changed and all(is_cross_attention(k) for k in changed)  # xattn only
@@ -230,7 +238,7 @@ def test_cli_runs_end_to_end_and_resumes(tmp_path):
     assert (full / "fisher.safetensors").exists()
     # interrupted after step 2, resumed to 4: the same weights as the uninterrupted run
     part = tmp_path / "part"
-    run(load_config(_write(tmp_path / "b.json", _config(part, steps=2))))
+    run(load_config(_write(tmp_path / "b.json", _config(part, tiny_dir, steps=2))))
     assert (part / "checkpoints" / "step-2" / "state.json").exists()
     main(["--config", str(tmp_path / "b.json"), "steps=4"])
     resumed = load_pipeline(str(part / "pipeline"))
@@ -241,10 +249,10 @@ def test_cli_runs_end_to_end_and_resumes(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
-def test_accelerate_two_processes_give_the_same_fisher(tmp_path):
-    one = run(load_config(_write(tmp_path / "one.json", _config(tmp_path / "one"))),
+def test_accelerate_two_processes_give_the_same_fisher(tiny_dir, tmp_path):
+    one = run(load_config(_write(tmp_path / "one.json", _config(tmp_path / "one", tiny_dir))),
               stage="fisher")["fisher"]
-    cfg = _write(tmp_path / "two.json", _config(tmp_path / "two"))
+    cfg = _write(tmp_path / "two.json", _config(tmp_path / "two", tiny_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -265,9 +273,9 @@ def test_bad_input_gives_clear_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="train_method"):
         select_parameters(copy.deepcopy(pipe.unet), "attention")
     with pytest.raises(ValueError, match="train_method"):
-        SDForgetConfig(**_config(tmp_path, train_method="everything"))
+        SDForgetConfig(**_config(tmp_path, "tiny", train_method="everything"))
     with pytest.raises(ValueError, match="surrogate_prompt equals"):
-        SDForgetConfig(**_config(tmp_path, surrogate_prompt="Brad Pitt "))
+        SDForgetConfig(**_config(tmp_path, "tiny", surrogate_prompt="Brad Pitt "))
     with pytest.raises(ValueError, match="prompts must be a non-empty"):
         build_dataset(pipe, [], tmp_path / "empty")
     model = SDAdapter.from_pipeline(pipe)
@@ -276,8 +284,46 @@ def test_bad_input_gives_clear_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="prompts must be a non-empty"):
         unet_fisher(model, torch.zeros(0, 4, 4, 4), [])
     with pytest.raises(ValueError, match="unknown config keys"):
-        load_config(_write(tmp_path / "bad.json", {**_config(tmp_path), "lamda": 3}))
+        load_config(_write(tmp_path / "bad.json", {**_config(tmp_path, "tiny"), "lamda": 3}))
     with pytest.raises(ValueError, match="no default surrogate"):
         SDForgetConfig(output_dir=str(tmp_path), forget_prompt="a purple cow")
     with pytest.raises(ValueError, match="lmbda"):
-        SDForgetConfig(**_config(tmp_path, lmbda=-1.0))
+        SDForgetConfig(**_config(tmp_path, "tiny", lmbda=-1.0))
+
+
+# -- explorer and evaluation ------------------------------------------------------------------
+
+def test_explorer_callback_runs_a_short_job(tiny_dir, tmp_path):
+    from sa_kit.profiles import SDSizes
+    from sa_kit.sd.explorer import explore, format_summary, make_explorer
+    sizes = SDSizes(model=tiny_dir, num_surrogate=4, num_replay=4, widget_steps=3, batch_size=2)
+    s = explore(5.0, "xattn", "a middle aged woman", sizes, work_dir=tmp_path)
+    n_xattn = sum(is_cross_attention(k) for k, _ in load_pipeline(tiny_dir).unet.named_parameters())
+    assert s["frozen_changed"] == 0 and s["changed"] == n_xattn
+    assert s["history"]["step"] == [1, 2, 3] and "surrogate loss" in format_summary(s)
+    with pytest.raises(ValueError, match="train_method"):
+        explore(5.0, "attn", "a middle aged woman", sizes, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="surrogate_prompt equals"):
+        explore(5.0, "xattn", "brad pitt", sizes, work_dir=tmp_path)
+    calls = []
+    box = make_explorer(sizes, callback=lambda *a: calls.append(a) or s)
+    box.children[4].click()  # the Run button drives the callback with the widget values
+    assert calls == [(sizes.lmbda, sizes.train_method, "a middle aged man", sizes)]
+
+
+def test_evaluation_set_loss_and_grids(pipe, replay_set):
+    from sa_kit.sd.evaluate import (before_after, clip_concept_score, grid_figure,
+                                    nudenet_counts, output_change, set_loss)
+    model = SDAdapter.from_pipeline(pipe)
+    a = set_loss(model, replay_set.latents, replay_set.prompts, repeats=2)
+    assert a == set_loss(model, replay_set.latents, replay_set.prompts, repeats=2) and a > 0
+    ba = before_after(pipe, pipe, ["a photo of brad pitt"], ["a cat", "a dog"], steps=2)
+    assert output_change(ba) == {"forget": 0.0, "control": 0.0}  # same pipeline: no change
+    assert len(ba["control"]["after_images"]) == 2
+    grid_figure(ba, "test")
+    try:
+        import nudenet  # noqa: F401
+    except ImportError:
+        assert nudenet_counts(ba["forget"]["after_images"]) is None
+    assert clip_concept_score(ba["forget"]["after_images"], "brad pitt", "a man") is None \
+        or os.environ.get("HF_HUB_OFFLINE") != "1"

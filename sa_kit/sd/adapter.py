@@ -54,7 +54,7 @@ class SDAdapter(nn.Module):
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
-        self.config = {"unet": dict(unet.config)}
+        self.config = {"unet": architecture(unet)}
 
     @classmethod
     def from_pipeline(cls, pipe: Any, **kwargs: Any) -> "SDAdapter":
@@ -111,6 +111,11 @@ class SDAdapter(nn.Module):
         return pipe(**kw, num_inference_steps=self.sample_steps, height=size, width=size,
                     guidance_scale=self.guidance_scale, generator=generator,
                     output_type="latent").images
+
+
+def architecture(unet: nn.Module) -> dict[str, Any]:
+    """The UNet's config without bookkeeping keys (``_name_or_path``, versions)."""
+    return {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
 
 
 def is_cross_attention(name: str) -> bool:

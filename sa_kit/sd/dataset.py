@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sa_kit.io import atomic_write, config_hash, load_tensors, save_json, save_tensors
+from sa_kit.sd.adapter import architecture
 
 MANIFEST = "manifest.json"
 
@@ -107,7 +108,7 @@ def build_dataset(pipe: Any, prompts: Sequence[str], out_dir: str | Path, *,
     size = size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     config = {"prompts": config_hash({"p": list(prompts), "t": train_prompts}), "seed": seed,
               "steps": num_inference_steps, "guidance": guidance_scale, "size": size,
-              "unet": config_hash(dict(pipe.unet.config))}
+              "unet": config_hash(architecture(pipe.unet))}
     key = config_hash(config)
     out.mkdir(parents=True, exist_ok=True)
     _clean_partial_writes(out)
