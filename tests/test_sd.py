@@ -249,7 +249,7 @@ def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
-def test_accelerate_two_processes_give_the_same_fisher(tiny_dir, tmp_path):
+def test_accelerate_two_processes_same_fisher_and_train(tiny_dir, tmp_path):
     one = run(load_config(_write(tmp_path / "one.json", _config(tmp_path / "one", tiny_dir))),
               stage="fisher")["fisher"]
     cfg = _write(tmp_path / "two.json", _config(tmp_path / "two", tiny_dir))
@@ -257,10 +257,13 @@ def test_accelerate_two_processes_give_the_same_fisher(tiny_dir, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", "29517"]
-    res = subprocess.run(launcher + ["-m", "sa_kit.sd.forget", "--config", str(cfg), "--stage",
-                                     "fisher"], env=env, capture_output=True, text=True,
-                         timeout=240)
+    # the whole tool on 2 processes: data, sharded Fisher, then 2 DDP steps with checkpointing
+    res = subprocess.run(launcher + ["-m", "sa_kit.sd.forget", "--config", str(cfg), "steps=2",
+                                     "gradient_checkpointing=true"], env=env,
+                         capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "history.json").read_text())["step"] == [1, 2]
+    assert (tmp_path / "two" / "pipeline" / "unet").is_dir()
     two, meta = load_tensors(tmp_path / "two" / "fisher.safetensors")
     assert set(two) == set(one) and meta["num_items"] == 6
     for k in one:

@@ -36,7 +36,7 @@ def item_noise(adapter: SDAdapter, x: Tensor, indices: Sequence[int], seed: int
 
 
 def unet_fisher(adapter: SDAdapter, latents: Tensor, prompts: Sequence[str], seed: int = 0,
-                batch_size: int = 8, estimator: str = "fast", accelerator: Any = None,
+                batch_size: int = 8, estimator: str = "per_sample", accelerator: Any = None,
                 chunk_size: int | None = None, progress: bool = True) -> Fisher:
     """Diagonal Fisher of the UNet's trainable parameters over ``(latents, prompts)``.
 

@@ -68,7 +68,7 @@ class SDForgetConfig:
     num_replay: int = 5000
     fisher_path: str | None = None
     fisher_batch_size: int = 8
-    fisher_estimator: str = "fast"
+    fisher_estimator: str = "per_sample"  # measured faster than vmap on conv-heavy UNets (CPU)
     gen_steps: int = 50
     gen_batch_size: int = 8
     guidance_scale: float = 7.5
