@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sa_kit.fisher import ESTIMATORS
 from sa_kit.forget import NonFiniteLossError, check_positive_int
 from sa_kit.io import config_hash, save_json
 from sa_kit.objective import check_weight, sa_loss
@@ -85,6 +86,9 @@ class SDForgetConfig:
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, "
                              f"got {self.mixed_precision!r}")
+        if self.fisher_estimator not in ESTIMATORS:
+            raise ValueError(f"fisher_estimator must be one of {sorted(ESTIMATORS)}, "
+                             f"got {self.fisher_estimator!r}")
         self.surrogate_prompt = self.surrogate_prompt or surrogate_for(self.forget_prompt)
         check_mapping(self.forget_prompt, self.surrogate_prompt)
         self.lmbda, self.gamma = check_weight("lmbda", self.lmbda), check_weight("gamma",
@@ -224,7 +228,33 @@ def _step_batches(cfg: SDForgetConfig, step: int, rank: int, surrogate: LatentDa
     return (x_f.to(device), c_f), batch_r
 
 
-def train(cfg: SDForgetConfig, pipe: Any, adapter: SDAdapter, surrogate: LatentDataset,
+def _prepare(cfg: SDForgetConfig, adapter: SDAdapter, fisher: dict[str, torch.Tensor] | None,
+             accelerator: Any) -> tuple[Any, Any, list, dict, dict | None]:
+    """Freeze by ``train_method``, keep theta*, build Adam and hand both to accelerate."""
+    select_parameters(adapter.unet, cfg.train_method)
+    if cfg.gradient_checkpointing:
+        adapter.unet.enable_gradient_checkpointing()
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    theta_star = {k: p.detach().clone().float() for k, p in adapter.named_parameters()
+                  if p.requires_grad}                                   # theta* of eq. 3
+    if fisher is not None:
+        fisher = {k: fisher[k] for k in theta_star}
+    wrapped, opt = accelerator.prepare(adapter, torch.optim.Adam(params, lr=cfg.lr))
+    return wrapped, opt, params, theta_star, fisher
+
+
+def _resume(cfg: SDForgetConfig, accelerator: Any) -> tuple[int, dict[str, list[float]]]:
+    """Load the newest checkpoint of this run, if any; returns ``(step, history)``."""
+    last, state = _latest_checkpoint(Path(cfg.output_dir) / "checkpoints", cfg.run_key())
+    history = state.get("history") or {k: [] for k in ("step", "loss", "surrogate", "replay",
+                                                       "ewc", "seconds")}
+    if last is not None:
+        accelerator.load_state(str(last))       # weights, Adam moments, RNG states
+        accelerator.print(f"resumed from {last} (step {state['step']})")
+    return int(state.get("step", 0)), history
+
+
+def train(cfg: SDForgetConfig, adapter: SDAdapter, surrogate: LatentDataset,
           replay: LatentDataset, fisher: dict[str, torch.Tensor] | None, accelerator: Any,
           progress: bool = True) -> dict[str, list[float]]:
     """Stage 3: minimise the SA loss (eq. 1-3) with Adam; checkpoints and exact resume.
@@ -233,25 +263,9 @@ def train(cfg: SDForgetConfig, pipe: Any, adapter: SDAdapter, surrogate: LatentD
         The history: ``step``, ``loss``, ``surrogate``, ``replay``, ``ewc``, ``seconds``.
     """
     from tqdm.auto import tqdm
-    names = select_parameters(adapter.unet, cfg.train_method)
-    if cfg.gradient_checkpointing:
-        adapter.unet.enable_gradient_checkpointing()
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    theta_star = {k: p.detach().clone().float() for k, p in adapter.named_parameters()
-                  if p.requires_grad}
-    if fisher is not None:
-        fisher = {k: fisher[k] for k in theta_star}
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    wrapped, opt = accelerator.prepare(adapter, opt)
+    wrapped, opt, params, theta_star, fisher = _prepare(cfg, adapter, fisher, accelerator)
     model = _Trainee(wrapped, adapter)
-    key, ckpt_root = cfg.run_key(), Path(cfg.output_dir) / "checkpoints"
-    last, state = _latest_checkpoint(ckpt_root, key)
-    history = state.get("history") or {k: [] for k in ("step", "loss", "surrogate", "replay",
-                                                       "ewc", "seconds")}
-    start = int(state.get("step", 0))
-    if last is not None:
-        accelerator.load_state(str(last))
-        accelerator.print(f"resumed from {last} (step {start})")
+    start, history = _resume(cfg, accelerator)
     wrapped.train()
     t0 = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="forgetting",
@@ -260,12 +274,12 @@ def train(cfg: SDForgetConfig, pipe: Any, adapter: SDAdapter, surrogate: LatentD
         surr, rep = _step_batches(cfg, step, accelerator.process_index, surrogate, replay,
                                   accelerator.device)
         terms = sa_loss(model, surr, rep, fisher, theta_star, cfg.lmbda, cfg.gamma)
-        accelerator.backward(terms["loss"])
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
         if not torch.isfinite(terms["loss"]):
             raise NonFiniteLossError(f"the SA loss became {terms['loss'].item()} at step "
                                      f"{step}; try a smaller lr or lmbda")
+        accelerator.backward(terms["loss"])
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         for k in ("loss", "surrogate", "replay", "ewc"):
@@ -274,11 +288,11 @@ def train(cfg: SDForgetConfig, pipe: Any, adapter: SDAdapter, surrogate: LatentD
         history["seconds"].append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(accelerator, ckpt_root, step + 1, history, key,
-                             cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, Path(cfg.output_dir) / "checkpoints", step + 1,
+                             history, cfg.run_key(), cfg.keep_checkpoints)
     bar.close()
     wrapped.eval()
-    accelerator.print(f"trained {len(names)} parameter tensors ({cfg.train_method})")
+    accelerator.print(f"trained {len(params)} parameter tensors ({cfg.train_method})")
     return history
 
 
@@ -318,7 +332,7 @@ def run(cfg: SDForgetConfig, stage: str = "train", progress: bool = True) -> dic
     out["fisher"] = get_fisher(cfg, adapter, replay, accelerator)
     if stage == "fisher":
         return out
-    out["history"] = train(cfg, pipe, adapter, surrogate, replay, out["fisher"], accelerator,
+    out["history"] = train(cfg, adapter, surrogate, replay, out["fisher"], accelerator,
                            progress)
     out["pipeline_dir"] = save_result(cfg, pipe, adapter, accelerator, out["history"])
     return out
