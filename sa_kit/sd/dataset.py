@@ -76,6 +76,18 @@ def decode_images(pipe: Any, latents: Tensor) -> list:
     return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+def _write_item(out: Path, i: int, prompt: str, train_prompt: str, latent: Tensor,
+                image: Any) -> dict[str, str]:
+    """Write item ``i`` (latent, optional PNG) atomically; returns its manifest entry."""
+    item = {"prompt": prompt, "train_prompt": train_prompt,
+            "latent": f"items/{i:06d}.safetensors"}
+    save_tensors(out / item["latent"], {"latent": latent.float()}, {"kind": "sd_item", **item})
+    if image is not None:
+        item["image"] = f"images/{i:06d}.png"
+        atomic_write(out / item["image"], lambda t: image.save(t, format="PNG"))
+    return item
+
+
 def build_dataset(pipe: Any, prompts: Sequence[str], out_dir: str | Path, *,
                   train_prompts: Sequence[str] | None = None, seed: int = 0,
                   batch_size: int = 4, num_inference_steps: int = 50,
@@ -122,13 +134,7 @@ def build_dataset(pipe: Any, prompts: Sequence[str], out_dir: str | Path, *,
                         num_inference_steps, guidance_scale, size)
         images = decode_images(pipe, lat) if save_images else [None] * len(idx)
         for i, x, img in zip(idx, lat, images):
-            item = {"prompt": prompts[i], "train_prompt": train_prompts[i],
-                    "latent": f"items/{i:06d}.safetensors"}
-            save_tensors(out / item["latent"], {"latent": x.float()}, {"kind": "sd_item", **item})
-            if img is not None:
-                item["image"] = f"images/{i:06d}.png"
-                atomic_write(out / item["image"], lambda t, img=img: img.save(t, format="PNG"))
-            items[str(i)] = item
+            items[str(i)] = _write_item(out, i, prompts[i], train_prompts[i], x, img)
         save_json(out / MANIFEST, {"config": config, "config_hash": key, "size": len(prompts),
                                    "items": items})
         bar.update(len(idx))
