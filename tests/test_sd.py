@@ -25,7 +25,8 @@ from sa_kit.objective import ForgettableModel  # noqa: E402
 from sa_kit.sd import prompts as P  # noqa: E402
 from sa_kit.sd.adapter import SDAdapter, is_cross_attention, select_parameters  # noqa: E402
 from sa_kit.sd.dataset import LatentDataset, build_dataset  # noqa: E402
-from sa_kit.sd.fisher import item_noise, load_unet_fisher, save_unet_fisher, unet_fisher  # noqa: E402,E501
+from sa_kit.sd.fisher import (item_noise, load_unet_fisher, save_unet_fisher,  # noqa: E402
+                              unet_fisher)
 from sa_kit.sd.forget import SDForgetConfig, load_config, main, run  # noqa: E402
 from sa_kit.sd.pipeline import TINY_UNET, is_tiny, load_pipeline, tiny_pipeline_dir  # noqa: E402
 
@@ -39,6 +40,7 @@ def offline_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SA_KIT_CACHE", str(tmp_path_factory.mktemp("sd_cache")))
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("SA_KIT_OFFLINE", "1")
         mp.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         yield

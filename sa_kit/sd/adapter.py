@@ -4,7 +4,8 @@ x are VAE latents, c are CLIP text-encoder hidden states (or prompts, encoded on
 ``-log p(x | theta, c)`` is replaced by the latent-diffusion loss of Rombach et al. -- the
 epsilon-prediction MSE at a sampled timestep, per sample:
 
-    neg_elbo(x, c) = mean_{latent dims} || eps - eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t, c) ||^2
+    neg_elbo(x, c) = mean_{latent dims} || eps - eps_theta(x_t, t, c) ||^2,
+    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
     t ~ U{0, ..., T-1},  eps ~ N(0, I)        -- ``draw_noise(x) = (t, eps)``
 
 Only the UNet is trained (theta); the VAE and text encoder are frozen and are not registered as

@@ -135,10 +135,12 @@ def clip_concept_score(images: Sequence[Any], concept: str, alternative: str,
     A convenience score, **not** a metric of the paper. Returns None (and says so) when the
     CLIP weights cannot be loaded (offline without a cached copy).
     """
+    from sa_kit.data import offline
+    local = offline() or os.environ.get("HF_HUB_OFFLINE", "") == "1"  # no download attempt
     try:
         from transformers import CLIPModel, CLIPProcessor
-        model = CLIPModel.from_pretrained(model_id).eval()
-        proc = CLIPProcessor.from_pretrained(model_id)
+        model = CLIPModel.from_pretrained(model_id, local_files_only=local).eval()
+        proc = CLIPProcessor.from_pretrained(model_id, local_files_only=local)
     except (OSError, ValueError) as e:
         print(f"CLIP weights unavailable ({type(e).__name__}): CLIP concept score skipped")
         return None

@@ -161,7 +161,8 @@ def load_pipeline(model: str | os.PathLike = TINY, device: str | torch.device = 
             ``save_pretrained`` (e.g. the output of ``python -m sa_kit.sd.forget``), or a model
             id such as ``"CompVis/stable-diffusion-v1-4"`` (needs the network or the HF cache).
         device, dtype: where and in which precision to put the weights.
-        local_files_only: default True for ``"tiny"`` and folders, False for model ids.
+        local_files_only: default True for ``"tiny"``, folders and ``SA_KIT_OFFLINE=1``;
+            False for model ids (download or the HF cache).
 
     Returns:
         The pipeline, with the safety checker off, progress bars off and a DDIM scheduler.
@@ -171,7 +172,8 @@ def load_pipeline(model: str | os.PathLike = TINY, device: str | torch.device = 
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
         raise ValueError(f"model must be 'tiny', a folder or a model id, got {model!r}")
     source = tiny_pipeline_dir() if str(model) == TINY else model
-    local = Path(source).is_dir() if local_files_only is None else local_files_only
+    from sa_kit.data import offline
+    local = (Path(source).is_dir() or offline()) if local_files_only is None else local_files_only
     from diffusers.utils import logging as dlog
     dlog.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None,
