@@ -332,3 +332,21 @@ def test_evaluation_set_loss_and_grids(pipe, replay_set):
         assert nudenet_counts(ba["forget"]["after_images"]) is None
     assert clip_concept_score(ba["forget"]["after_images"], "brad pitt", "a man") is None \
         or os.environ.get("HF_HUB_OFFLINE") != "1"
+
+
+def test_own_surrogate_images_are_pre_encoded(pipe, tiny_dir, tmp_path):
+    from PIL import Image
+    from sa_kit.sd.dataset import encode_image_folder
+    folder = tmp_path / "men"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 48), (60 * i, 100, 30)).save(folder / f"{i}.png")
+    encode_image_folder(pipe, folder, tmp_path / "enc", ["a photo of brad pitt", "brad pitt"])
+    data = LatentDataset(tmp_path / "enc")
+    assert data.latents.shape == (3, 4, 4, 4) and torch.isfinite(data.latents).all()
+    assert data.prompts == ["a photo of brad pitt", "brad pitt", "a photo of brad pitt"]
+    with pytest.raises(ValueError, match="no .png/.jpg"):
+        encode_image_folder(pipe, tmp_path / "enc", tmp_path / "x", ["brad pitt"])
+    out = run(SDForgetConfig(**_config(tmp_path / "run", tiny_dir, steps=1,
+                                       surrogate_image_dir=str(folder))), stage="data")
+    assert len(out["surrogate"]) == 3

@@ -145,6 +145,40 @@ def build_dataset(pipe: Any, prompts: Sequence[str], out_dir: str | Path, *,
     return manifest
 
 
+@torch.no_grad()
+def encode_image_folder(pipe: Any, folder: str | Path, out_dir: str | Path,
+                        train_prompts: Sequence[str], batch_size: int = 8) -> dict[str, Any]:
+    """Pre-encode your own surrogate images (eq. 1) into a dataset :class:`LatentDataset` reads.
+
+    Every png/jpg in ``folder`` is resized to the pipeline's resolution, encoded by the frozen
+    VAE (the mean of q(z | x), times the VAE's scaling factor); image i is trained under
+    ``train_prompts[i % len(train_prompts)]`` -- e.g. photos of middle aged men under prompts
+    about "brad pitt".
+
+    Raises:
+        ValueError: if the folder holds no images or ``train_prompts`` is empty.
+    """
+    from sa_kit.mappings import load_image_folder
+    if isinstance(train_prompts, str) or len(train_prompts) == 0:
+        raise ValueError("train_prompts must be a non-empty list of strings")
+    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    images = load_image_folder(folder, (3, size, size), (-1.0, 1.0))
+    out, vae = Path(out_dir), pipe.vae
+    items: dict[str, Any] = {}
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(vae.device, vae.dtype)
+        lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        for j, z in enumerate(lat):
+            i = start + j
+            items[str(i)] = _write_item(out, i, f"image {i} of {folder}",
+                                        train_prompts[i % len(train_prompts)], z, None)
+    manifest = {"config": {"folder": str(folder)}, "config_hash": config_hash(
+        {"folder": str(folder), "n": len(images), "prompts": list(train_prompts)}),
+        "size": len(images), "items": items}
+    save_json(out / MANIFEST, manifest)
+    return manifest
+
+
 class LatentDataset:
     """A finished dataset in memory: latents ``(N, 4, h, w)`` and their training prompts.
 

@@ -36,7 +36,7 @@ from sa_kit.forget import NonFiniteLossError, check_positive_int
 from sa_kit.io import config_hash, save_json
 from sa_kit.objective import check_weight, sa_loss
 from sa_kit.sd.adapter import TRAIN_METHODS, SDAdapter, select_parameters
-from sa_kit.sd.dataset import LatentDataset, build_dataset
+from sa_kit.sd.dataset import LatentDataset, build_dataset, encode_image_folder
 from sa_kit.sd.fisher import load_unet_fisher, save_unet_fisher, unet_fisher
 from sa_kit.sd.pipeline import load_pipeline
 from sa_kit.sd.prompts import check_mapping, mapping_pairs, replay_prompts, surrogate_for
@@ -58,6 +58,7 @@ class SDForgetConfig:
     model: str = "CompVis/stable-diffusion-v1-4"
     forget_prompt: str = "brad pitt"
     surrogate_prompt: str | None = None
+    surrogate_image_dir: str | None = None  # your own surrogate images instead of generated
     train_method: str = "full"
     lmbda: float = 50.0
     gamma: float = 1.0
@@ -138,8 +139,12 @@ def build_data(cfg: SDForgetConfig, pipe: Any, accelerator: Any
     gen = dict(seed=cfg.seed, batch_size=cfg.gen_batch_size, guidance_scale=cfg.guidance_scale,
                num_inference_steps=cfg.gen_steps, progress=accelerator.is_main_process)
     if accelerator.is_main_process:
-        build_dataset(pipe, [s for _, s in pairs], out / "surrogate",
-                      train_prompts=[f for f, _ in pairs], **gen)
+        if cfg.surrogate_image_dir:  # your own surrogate images, under the forget prompts
+            encode_image_folder(pipe, cfg.surrogate_image_dir, out / "surrogate",
+                                train_prompts=[f for f, _ in pairs])
+        else:
+            build_dataset(pipe, [s for _, s in pairs], out / "surrogate",
+                          train_prompts=[f for f, _ in pairs], **gen)
         build_dataset(pipe, replay, out / "replay", **gen)
     accelerator.wait_for_everyone()
     return LatentDataset(out / "surrogate"), LatentDataset(out / "replay")
