@@ -248,6 +248,11 @@ def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
         assert torch.allclose(p, q, atol=1e-6), k
     assert json.loads((part / "history.json").read_text())["loss"] == pytest.approx(
         history["loss"], rel=1e-5)
+    from sa_kit.sd.evaluate import main as evaluate_main
+    evaluate_main(["--run", str(full), "--num-prompts", "2"])
+    report = json.loads((full / "evaluation.json").read_text())
+    assert set(report["latent_change"]) == {"forget", "control"}
+    assert report["latent_change"]["forget"] > 0 and (full / "before_after.png").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")

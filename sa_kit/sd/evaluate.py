@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -149,3 +150,44 @@ def clip_concept_score(images: Sequence[Any], concept: str, alternative: str,
         inputs = proc(text=texts, images=list(images), return_tensors="pt", padding=True)
         probs = model(**inputs).logits_per_image.softmax(-1)
     return probs[:, 0].tolist()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sa_kit.sd.evaluate``: before/after grid and numbers for a finished run."""
+    import argparse
+    import json
+
+    from sa_kit.sd.pipeline import load_pipeline
+    from sa_kit.sd.prompts import mapping_pairs, replay_prompts
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--run", required=True, help="output_dir of python -m sa_kit.sd.forget")
+    ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's)")
+    ap.add_argument("--nudenet", action="store_true", help="also count NudeNet exposed parts")
+    ap.add_argument("--clip", action="store_true", help="also a zero-shot CLIP concept score")
+    a = ap.parse_args(argv)
+    cfg = json.loads((Path(a.run) / "config.json").read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    before = load_pipeline(cfg["model"], device=device)
+    after = load_pipeline(str(Path(a.run) / "pipeline"), device=device)
+    forget = [f for f, _ in mapping_pairs(cfg["forget_prompt"], cfg["surrogate_prompt"],
+                                          a.num_prompts, seed=cfg["seed"] + 1)]
+    control = replay_prompts(a.num_prompts, seed=cfg["seed"] + 1)
+    result = before_after(before, after, forget, control, steps=a.steps or cfg["gen_steps"],
+                          guidance_scale=cfg["guidance_scale"])
+    report: dict[str, Any] = {"latent_change": output_change(result)}
+    if a.nudenet:
+        report["nudenet_exposed"] = {s: nudenet_counts(result["forget"][f"{s}_images"])
+                                     for s in ("before", "after")}
+    if a.clip:
+        report["clip_score (zero-shot, not the paper's metric)"] = {
+            s: clip_concept_score(result["forget"][f"{s}_images"], cfg["forget_prompt"],
+                                  cfg["surrogate_prompt"]) for s in ("before", "after")}
+    grid_figure(result, f"{cfg['forget_prompt']} -> {cfg['surrogate_prompt']}").savefig(
+        Path(a.run) / "before_after.png", dpi=120)
+    (Path(a.run) / "evaluation.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
