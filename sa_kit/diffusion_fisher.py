@@ -168,3 +168,27 @@ def fisher_agreement(estimate: Mapping[str, Tensor], reference: Mapping[str, Ten
     return {"rel_error": float((a - b).norm() / b.norm()),
             "spearman": float((ra * rb).sum() / (ra.norm() * rb.norm())),
             "top10_overlap": len(top_a & top_b) / k}
+
+
+def cached_ddpm_fisher(model, classes: Iterable[int], num_samples: int, num_timesteps: int = 50,
+                       tag: str = "", progress: bool = True) -> Fisher:
+    """:func:`ddpm_model_fisher`, saved with ``save_fisher`` and reloaded on a rerun.
+
+    The file name hashes the settings, ``tag`` (e.g. the data source) and a checksum of the
+    weights, so a retrained model never reuses another model's Fisher.
+    """
+    from sa_kit.fisher import load_fisher, save_fisher
+    from sa_kit.io import cache_dir, config_hash
+
+    weights = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    key = config_hash({"classes": list(classes), "n": num_samples, "k": num_timesteps,
+                       "tag": tag, "weights": f"{weights:.10e}"})
+    path = cache_dir() / f"ddpm-fisher-{key}.safetensors"
+    if path.exists():
+        try:
+            return load_fisher(path, model)
+        except ValueError:
+            pass                                         # corrupt or foreign: recompute
+    fisher = ddpm_model_fisher(model, classes, num_samples, num_timesteps, progress=progress)
+    save_fisher(path, fisher, model, {"num_samples": num_samples, "timesteps": num_timesteps})
+    return fisher
