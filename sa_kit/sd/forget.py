@@ -155,7 +155,10 @@ def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
     """Stage 2: load ``fisher_path`` or the cached Fisher; else compute (sharded) and save."""
     if cfg.lmbda == 0:
         return None
-    path = Path(cfg.fisher_path or Path(cfg.output_dir) / "fisher.safetensors")
+    made_by = config_hash({k: getattr(cfg, k) for k in (
+        "model", "forget_prompt", "num_replay", "seed", "gen_steps", "guidance_scale",
+        "train_method", "fisher_estimator")})  # a changed setting gets a fresh Fisher
+    path = Path(cfg.fisher_path or Path(cfg.output_dir) / f"fisher-{made_by}.safetensors")
     if path.exists():
         return load_unet_fisher(path, adapter)
     if cfg.fisher_path:
