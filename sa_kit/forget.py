@@ -189,3 +189,30 @@ def forget_class(model: nn.Module, forget_class: int, *, fisher: Mapping[str, Te
                   **dict(kwargs.pop("run_config", None) or {})}
     return forget(model, surrogate, replay, fisher, lmbda=lmbda, gamma=gamma, steps=steps,
                   batch_size=batch_size, lr=lr, run_config=run_config, **kwargs)
+
+
+class _Negated(nn.Module):
+    """A model whose "negative ELBO" is the ELBO: minimising it *lowers* the likelihood."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def neg_elbo(self, x: Any, c: Any, noise: Any = None) -> Tensor:
+        return -self.model.neg_elbo(x, c, noise)
+
+
+def naive_forget(model: nn.Module, forget_class: int, *, steps: int, batch_size: int = 256,
+                 lr: float = 1e-4, grad_clip: float | None = 10.0, **kwargs: Any) -> History:
+    """The "naive" ablation: minimise log p(x | theta, c_f) on samples of c_f, nothing else.
+
+    No surrogate, no replay, no EWC -- the unbounded objective that SA replaces with eq. (1).
+    The samples of c_f come from a frozen copy of the original model (no real data needed).
+    """
+    from sa_kit.replay import ModelSamples
+
+    forget_class = check_class("forget_class", forget_class, int(model.num_classes))
+    forgotten = ModelSamples(frozen_copy(model), [forget_class])
+    return forget(_Negated(model), forgotten, None, None, lmbda=0.0, gamma=0.0, steps=steps,
+                  batch_size=batch_size, lr=lr, grad_clip=grad_clip,
+                  run_config={"naive": forget_class}, **kwargs)

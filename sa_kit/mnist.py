@@ -70,3 +70,42 @@ def cvae_fisher(model: ConditionalVAE, sizes: MNISTSizes, seed: int = 0,
     fisher = {k: v.to(device) for k, v in fisher.items()}
     check_fisher(fisher, model)
     return fisher
+
+
+def forgotten_cvae(original: ConditionalVAE, forget_class: int, fisher: Fisher | None, *,
+                   mapping: Any = "noise", lmbda: float, gamma: float, steps: int,
+                   batch_size: int, lr: float, naive: bool = False, seed: int = 0,
+                   progress: bool = True) -> tuple[ConditionalVAE, dict[str, list[float]]]:
+    """A copy of ``original`` after SA (or the naive ablation), with its loss history.
+
+    The result is cached, keyed by the original weights and every setting, so rerunning a
+    notebook reloads it in a second instead of training again.
+    """
+    import copy
+
+    from sa_kit.forget import forget_class as sa_forget_class
+    from sa_kit.forget import naive_forget
+    from sa_kit.io import load_tensors
+
+    settings = {"forget_class": forget_class, "mapping": str(mapping), "lmbda": lmbda,
+                "gamma": gamma, "steps": steps, "batch_size": batch_size, "lr": lr,
+                "naive": naive, "seed": seed}
+    weights = {k: float(v.double().sum()) for k, v in original.state_dict().items()}
+    key = config_hash({"weights": weights, **settings})
+    path = cache_dir() / f"mnist_forgotten-{key}.safetensors"
+    model = copy.deepcopy(original)
+    state = load_cached(path, key)
+    if state is not None:
+        model.load_state_dict(state)
+        return model.eval(), load_tensors(path)[1]["history"]
+    seed_everything(seed)
+    if naive:
+        history = naive_forget(model, forget_class, steps=steps, batch_size=batch_size, lr=lr,
+                               progress=progress)
+    else:
+        history = sa_forget_class(model, forget_class, fisher=fisher, mapping=mapping,
+                                  lmbda=lmbda, gamma=gamma, steps=steps, batch_size=batch_size,
+                                  lr=lr, progress=progress)
+    save_tensors(path, model.state_dict(), {"kind": "weights", "config_hash": key,
+                                            "settings": settings, "history": history})
+    return model.eval(), history

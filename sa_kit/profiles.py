@@ -32,6 +32,7 @@ class MNISTSizes:
     lr: float = 1e-3
     lmbda: float = 100.0
     gamma: float = 1.0
+    ablation_steps: int = 1000  # the mapping and ablation runs of chapter 1
     eval_samples: int = 1000  # generated samples per class for the metrics
     widget_steps: int = 300
 
@@ -39,10 +40,12 @@ class MNISTSizes:
 # Chapter 1 sizes per profile.
 MNIST = {
     "ci": MNISTSizes(vae_steps=3000, classifier_steps=300, fisher_samples=2000,
-                     forget_steps=500, eval_samples=200, widget_steps=100),
+                     forget_steps=500, ablation_steps=300, eval_samples=200,
+                     widget_steps=100),
     "cpu": MNISTSizes(),
     "gpu": MNISTSizes(vae_steps=20_000, classifier_steps=3000, fisher_samples=50_000,
-                      forget_steps=10_000, eval_samples=2000, widget_steps=2000),
+                      forget_steps=10_000, ablation_steps=5000, eval_samples=2000,
+                      widget_steps=2000),
 }
 
 

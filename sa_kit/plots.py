@@ -1,0 +1,104 @@
+"""Figures the chapters share: sample grids, loss curves, where the Fisher mass sits."""
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+
+def grid_image(samples: Mapping[int, Tensor], ncols: int = 8,
+               value_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """One row per class: a ``(C, H', W')`` image in [0, 1] from ``{class: (N, C, H, W)}``."""
+    from torchvision.utils import make_grid
+
+    low, high = value_range
+    rows = [((x[:ncols].float().cpu() - low) / (high - low)).clamp(0, 1)
+            for _, x in sorted(samples.items())]
+    return make_grid(torch.cat(rows), nrow=ncols, padding=1, pad_value=1.0)
+
+
+def show_grid(samples: Mapping[int, Tensor], title: str = "", ncols: int = 8,
+              value_range: tuple[float, float] = (0.0, 1.0), ax: plt.Axes | None = None,
+              labels: Sequence[str] | None = None) -> plt.Axes:
+    """Draw :func:`grid_image` with the class names down the left side."""
+    img = grid_image(samples, ncols, value_range)
+    ax = ax or plt.subplots(figsize=(ncols * 0.55, len(samples) * 0.55))[1]
+    ax.imshow(img.permute(1, 2, 0).numpy(), cmap="gray", interpolation="nearest")
+    keys = sorted(samples)
+    step = img.shape[1] / len(keys)
+    ax.set_yticks([step * (i + 0.5) for i in range(len(keys))],
+                  [labels[k] if labels else str(k) for k in keys])
+    ax.set_xticks([])
+    ax.set_title(title)
+    return ax
+
+
+def png_bytes(samples: Mapping[int, Tensor], ncols: int = 8,
+              value_range: tuple[float, float] = (0.0, 1.0), scale: int = 2) -> bytes:
+    """The grid as PNG bytes (for an ``ipywidgets.Image``)."""
+    from torchvision.io import encode_png
+
+    img = grid_image(samples, ncols, value_range)
+    img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="nearest")[0]
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return encode_png((img * 255).round().to(torch.uint8)).numpy().tobytes()
+
+
+def plot_history(history: Mapping[str, Sequence[float]], title: str = "SA loss terms"
+                 ) -> plt.Figure:
+    """The three terms of the SA objective over the forgetting steps, one panel each."""
+    names = [("surrogate", "(1) surrogate  -log p(x|c_f), x~q"),
+             ("replay", "(2) replay  -log p(x|c), x~p(x|theta*)"),
+             ("ewc", "(3) EWC  sum F/2 (theta-theta*)^2")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.8))
+    for ax, (key, label) in zip(axes, names):
+        ax.plot(history["step"], history[key])
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fisher_mass(fisher: Mapping[str, Tensor], title: str = "Where the Fisher mass sits"
+                     ) -> plt.Figure:
+    """Share of the total Fisher per parameter tensor, and its mean per weight."""
+    names = list(fisher)
+    total = sum(float(v.sum()) for v in fisher.values())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3))
+    axes[0].barh(names, [float(fisher[k].sum()) / total for k in names])
+    axes[0].set_xlabel("share of total Fisher")
+    axes[1].barh(names, [float(fisher[k].mean()) for k in names])
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("mean Fisher per weight (log)")
+    for ax in axes:
+        ax.invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """A small HTML table of H / P(c_f) / remembered accuracy (and P(target) if present)."""
+    cols = [("H", "H"), ("P_cf", "P(c_f)"), ("P_target", "P(target)"),
+            ("acc_remembered", "acc remembered")]
+    cols = [(k, n) for k, n in cols if any(k in r for r in rows.values())]
+    head = "".join(f"<th>{n}</th>" for _, n in cols)
+    body = "".join(
+        f"<tr><td>{name}</td>" + "".join(
+            f"<td>{r[k]:.3f}</td>" if isinstance(r.get(k), (int, float)) else "<td>-</td>"
+            for k, _ in cols) + "</tr>" for name, r in rows.items())
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def to_png(fig: plt.Figure) -> bytes:
+    """Render a figure to PNG bytes and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
