@@ -357,3 +357,13 @@ def test_own_surrogate_images_are_pre_encoded(pipe, tiny_dir, tmp_path):
     out = run(SDForgetConfig(**_config(tmp_path / "run", tiny_dir, steps=1,
                                        surrogate_image_dir=str(folder))), stage="data")
     assert len(out["surrogate"]) == 3
+
+
+def test_cli_mixed_precision_and_gradient_checkpointing(tiny_dir, tmp_path):
+    out = run(SDForgetConfig(**_config(tmp_path / "bf16", tiny_dir, steps=2, lmbda=0.0,
+                                       train_method="noxattn", mixed_precision="bf16",
+                                       gradient_checkpointing=True)))
+    assert out["fisher"] is None and out["history"]["step"] == [1, 2]   # lmbda=0: no Fisher
+    assert all(map(lambda v: v == v and abs(v) < 1e6, out["history"]["loss"]))
+    assert out["adapter"].unet.is_gradient_checkpointing
+    assert next(out["adapter"].unet.parameters()).dtype == torch.float32  # fp32 master weights
