@@ -237,7 +237,7 @@ def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
     history = json.loads((full / "history.json").read_text())
     assert history["step"] == [1, 2, 3, 4] and all(map(torch.isfinite, map(torch.tensor,
                                                                             history["loss"])))
-    assert len(list(full.glob("fisher-*.safetensors"))) == 1
+    assert len(list((full / "data").glob("fisher-*.safetensors"))) == 1
     # interrupted after step 2, resumed to 4: the same weights as the uninterrupted run
     part = tmp_path / "part"
     yaml = pytest.importorskip("yaml")
@@ -273,7 +273,7 @@ def test_accelerate_two_processes_same_fisher_and_train(tiny_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "history.json").read_text())["step"] == [1, 2]
     assert (tmp_path / "two" / "pipeline" / "unet").is_dir()
-    two, meta = load_tensors(next((tmp_path / "two").glob("fisher-*.safetensors")))
+    two, meta = load_tensors(next((tmp_path / "two" / "data").glob("fisher-*.safetensors")))
     assert set(two) == set(one) and meta["num_items"] == 6
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-12), k

@@ -19,7 +19,7 @@ from sa_kit.sd.forget import SDForgetConfig, run
 
 def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSizes,
             work_dir: str | Path | None = None, steps: int | None = None,
-            progress: bool = False) -> dict[str, Any]:
+            data_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Run a short forgetting job and summarise it.
 
     Args:
@@ -29,6 +29,7 @@ def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSiz
         sizes: the chapter's profile sizes (model, batch, lr, data sizes).
         work_dir: where runs are kept (default: the kit's cache).
         steps: training steps (default ``sizes.widget_steps``).
+        data_dir: generated sets and Fishers, shared between runs (default: in ``work_dir``).
 
     Returns:
         ``{"history", "surrogate_start", "surrogate_end", "ewc_end", "changed",
@@ -44,6 +45,7 @@ def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSiz
         mixed_precision=sizes.mixed_precision, checkpoint_every=10_000)
     root = Path(work_dir) if work_dir is not None else cache_dir() / "sd_explorer"
     cfg.output_dir = str(root / config_hash(dataclasses.asdict(cfg)))
+    cfg.data_dir = str(data_dir or root / "data")  # reused across lambda / train_method
     out = run(cfg, progress=progress)
     before = dict(out["pipe"].unet.named_parameters())  # run() trained this UNet in place
     from sa_kit.sd.pipeline import load_pipeline
@@ -68,8 +70,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['frozen_changed']})")
 
 
-def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = explore) -> Any:
-    """ipywidgets: lambda slider, train_method dropdown, surrogate text, a Run button."""
+def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = explore,
+                  **kwargs: Any) -> Any:
+    """ipywidgets: lambda slider, train_method dropdown, surrogate text, a Run button.
+
+    The button calls ``callback(lmbda, train_method, surrogate_prompt, sizes, **kwargs)``.
+    """
     import ipywidgets as W
     lmbda = W.FloatLogSlider(value=sizes.lmbda, base=10, min=-1, max=3, description="lambda")
     method = W.Dropdown(options=TRAIN_METHODS, value=sizes.train_method,
@@ -80,7 +86,8 @@ def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = expl
     def on_click(_: Any) -> None:
         with out:
             out.clear_output()
-            print(format_summary(callback(lmbda.value, method.value, surrogate.value, sizes)))
+            print(format_summary(callback(lmbda.value, method.value, surrogate.value, sizes,
+                                          **kwargs)))
 
     button.on_click(on_click)
     return W.VBox([W.HTML(f"forget prompt: <b>{sizes.forget_prompt}</b>"), lmbda, method,

@@ -69,6 +69,7 @@ class SDForgetConfig:
     num_surrogate: int = 1000
     num_replay: int = 5000
     fisher_path: str | None = None
+    data_dir: str | None = None  # generated sets + cached Fisher (default: output_dir/data)
     fisher_batch_size: int = 8
     fisher_estimator: str = "per_sample"  # measured faster than vmap on conv-heavy UNets (CPU)
     gen_steps: int = 50
@@ -101,7 +102,7 @@ class SDForgetConfig:
 
     def run_key(self) -> str:
         """Hash of what makes a checkpoint resumable (everything but length and bookkeeping)."""
-        skip = {"steps", "checkpoint_every", "keep_checkpoints", "output_dir"}
+        skip = {"steps", "checkpoint_every", "keep_checkpoints", "output_dir", "data_dir"}
         return config_hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
 
 
@@ -130,24 +131,40 @@ def make_accelerator(cfg: SDForgetConfig) -> Any:
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def data_root(cfg: SDForgetConfig) -> Path:
+    """Where generated sets and the Fisher live; runs that share it share what they can."""
+    return Path(cfg.data_dir or Path(cfg.output_dir) / "data")
+
+
+def _made_by(cfg: SDForgetConfig, *keys: str) -> str:
+    return config_hash({k: getattr(cfg, k) for k in ("model", "forget_prompt", "seed",
+                                                     "gen_steps", "guidance_scale") + keys})
+
+
 def build_data(cfg: SDForgetConfig, pipe: Any, accelerator: Any
                ) -> tuple[LatentDataset, LatentDataset]:
-    """Stage 1: the surrogate set (eq. 1) and the replay set (eq. 2), built by process 0."""
-    out = Path(cfg.output_dir) / "data"
+    """Stage 1: the surrogate set (eq. 1) and the replay set (eq. 2), built by process 0.
+
+    Each set's folder is named by the settings that made it, so runs that differ only in
+    lambda, train_method or steps reuse it.
+    """
+    surr_dir = data_root(cfg) / "surrogate-{}".format(
+        _made_by(cfg, "surrogate_prompt", "num_surrogate", "surrogate_image_dir"))
+    replay_dir = data_root(cfg) / f"replay-{_made_by(cfg, 'num_replay')}"
     pairs = mapping_pairs(cfg.forget_prompt, cfg.surrogate_prompt, cfg.num_surrogate, cfg.seed)
     replay = replay_prompts(cfg.num_replay, cfg.seed, exclude=[cfg.forget_prompt])
     gen = dict(seed=cfg.seed, batch_size=cfg.gen_batch_size, guidance_scale=cfg.guidance_scale,
                num_inference_steps=cfg.gen_steps, progress=accelerator.is_main_process)
     if accelerator.is_main_process:
         if cfg.surrogate_image_dir:  # your own surrogate images, under the forget prompts
-            encode_image_folder(pipe, cfg.surrogate_image_dir, out / "surrogate",
+            encode_image_folder(pipe, cfg.surrogate_image_dir, surr_dir,
                                 train_prompts=[f for f, _ in pairs])
         else:
-            build_dataset(pipe, [s for _, s in pairs], out / "surrogate",
+            build_dataset(pipe, [s for _, s in pairs], surr_dir,
                           train_prompts=[f for f, _ in pairs], **gen)
-        build_dataset(pipe, replay, out / "replay", **gen)
+        build_dataset(pipe, replay, replay_dir, **gen)
     accelerator.wait_for_everyone()
-    return LatentDataset(out / "surrogate"), LatentDataset(out / "replay")
+    return LatentDataset(surr_dir), LatentDataset(replay_dir)
 
 
 def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
@@ -155,10 +172,8 @@ def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
     """Stage 2: load ``fisher_path`` or the cached Fisher; else compute (sharded) and save."""
     if cfg.lmbda == 0:
         return None
-    made_by = config_hash({k: getattr(cfg, k) for k in (
-        "model", "forget_prompt", "num_replay", "seed", "gen_steps", "guidance_scale",
-        "train_method", "fisher_estimator")})  # a changed setting gets a fresh Fisher
-    path = Path(cfg.fisher_path or Path(cfg.output_dir) / f"fisher-{made_by}.safetensors")
+    made_by = _made_by(cfg, "num_replay", "train_method", "fisher_estimator")
+    path = Path(cfg.fisher_path or data_root(cfg) / f"fisher-{made_by}.safetensors")
     if path.exists():
         return load_unet_fisher(path, adapter)
     if cfg.fisher_path:
