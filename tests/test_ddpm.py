@@ -163,15 +163,14 @@ def test_forgetting_steps_and_ewc_hold_parameters_near_theta_star():
     torch.manual_seed(6)
     base = tiny_ddpm()
     theta_star = {k: p.detach().clone() for k, p in base.named_parameters()}
-    x, c = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
-    fisher = {k: torch.ones_like(v) for k, v in fisher_fast(base, x, c).items()}
+    fisher = {k: torch.ones_like(v) for k, v in theta_star.items()}    # F = 1: plain L2 pull
 
     def drift(lmbda: float) -> float:
         m = tiny_ddpm()
         torch.manual_seed(7)
         hist = forget_class(m, 0, fisher=fisher, mapping="noise", lmbda=lmbda, gamma=1.0,
-                            steps=4, batch_size=4, lr=1e-2, replay_buffer=8, progress=False)
-        assert len(hist["loss"]) == 4 and all(torch.isfinite(torch.tensor(hist["loss"])))
+                            steps=3, batch_size=2, lr=1e-2, replay_buffer=4, progress=False)
+        assert len(hist["loss"]) == 3 and all(torch.isfinite(torch.tensor(hist["loss"])))
         return sum(float(((p.detach() - theta_star[k]) ** 2).sum()) for k, p in m.named_parameters())
 
     assert drift(1e4) < 0.5 * drift(0.0)
