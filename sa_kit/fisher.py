@@ -186,6 +186,11 @@ def check_fisher(fisher: Mapping[str, Tensor], model: nn.Module) -> None:
                                     ("wrong shape", shapes)) if keys]
         raise ValueError(f"fisher does not match this {type(model).__name__} "
                          f"(is it for another model?): " + "; ".join(parts))
+    devices = sorted({str(fisher[k].device) for k in params if fisher[k].device != params[k].device})
+    if devices:
+        raise ValueError(f"fisher is on {devices} but the model is on "
+                         f"{next(iter(params.values())).device}; move it with "
+                         "{k: v.to(device) for k, v in fisher.items()}")
     bad = [k for k, v in fisher.items() if not torch.isfinite(v).all() or (v < 0).any()]
     if bad:
         raise ValueError(f"fisher must be finite and >= 0; bad entries in {bad[:5]}")

@@ -32,7 +32,12 @@ class BatchSource(Protocol):
 
 
 class NonFiniteLossError(ValueError):
-    """The loss became NaN/inf; the model keeps the weights of the last good step."""
+    """The loss became NaN/inf; the model keeps the weights of the last good step.
+
+    ``.history`` holds the loss history up to that step.
+    """
+
+    history: History = {}
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -138,10 +143,13 @@ def forget(model: nn.Module, surrogate: BatchSource, replay: BatchSource | None,
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
         if not (torch.isfinite(terms["loss"]) and torch.isfinite(norm)):
             bar.close()
-            raise NonFiniteLossError(
+            model.eval()
+            error = NonFiniteLossError(
                 f"the SA loss became {terms['loss'].item()} at step {step}; stopped, and the "
                 "model keeps the weights of the last good step. Try a smaller lr or lmbda, or "
                 "a grad_clip.")
+            error.history = history                  # what happened up to the last good step
+            raise error
         opt.step()
         for k in ("loss", "surrogate", "replay", "ewc"):
             history[k].append(float(terms[k].detach()))

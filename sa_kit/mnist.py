@@ -84,7 +84,7 @@ def forgotten_cvae(original: ConditionalVAE, forget_class: int, fisher: Fisher |
     import copy
 
     from sa_kit.forget import forget_class as sa_forget_class
-    from sa_kit.forget import naive_forget
+    from sa_kit.forget import NonFiniteLossError, naive_forget
     from sa_kit.io import load_tensors
 
     settings = {"forget_class": forget_class, "mapping": str(mapping), "lmbda": lmbda,
@@ -99,9 +99,12 @@ def forgotten_cvae(original: ConditionalVAE, forget_class: int, fisher: Fisher |
         model.load_state_dict(state)
         return model.eval(), load_tensors(path)[1]["history"]
     seed_everything(seed)
-    if naive:
-        history = naive_forget(model, forget_class, steps=steps, batch_size=batch_size, lr=lr,
-                               progress=progress)
+    if naive:   # unbounded: it may run to -inf; then keep its last finite weights
+        try:
+            history = naive_forget(model, forget_class, steps=steps, batch_size=batch_size,
+                                   lr=lr, progress=progress)
+        except NonFiniteLossError as diverged:
+            history = {**diverged.history, "diverged_at": [len(diverged.history["step"])]}
     else:
         history = sa_forget_class(model, forget_class, fisher=fisher, mapping=mapping,
                                   lmbda=lmbda, gamma=gamma, steps=steps, batch_size=batch_size,
