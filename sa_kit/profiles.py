@@ -29,7 +29,7 @@ class MNISTSizes:
     fisher_samples: int = 10_000
     forget_steps: int = 2500
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3
     lmbda: float = 100.0
     gamma: float = 1.0
     ablation_steps: int = 1000  # the mapping and ablation runs of chapter 1
@@ -40,11 +40,11 @@ class MNISTSizes:
 # Chapter 1 sizes per profile.
 MNIST = {
     "ci": MNISTSizes(vae_steps=3000, classifier_steps=300, fisher_samples=2000,
-                     forget_steps=500, ablation_steps=300, lr=3e-3, eval_samples=200,
+                     forget_steps=500, ablation_steps=300, eval_samples=200,
                      widget_steps=100),
     "cpu": MNISTSizes(),
     "gpu": MNISTSizes(vae_steps=20_000, classifier_steps=3000, fisher_samples=50_000,
-                      forget_steps=10_000, ablation_steps=5000, eval_samples=2000,
+                      forget_steps=10_000, ablation_steps=5000, lr=1e-3, eval_samples=2000,
                       widget_steps=2000),
 }
 

@@ -47,7 +47,7 @@ def explore_forgetting(model: nn.Module, classifier: nn.Module, fisher: Mapping[
 
 
 def forgetting_explorer(model: nn.Module, classifier: nn.Module, fisher: Mapping[str, Tensor],
-                        steps: int = 200, eval_samples: int = 100) -> Any:
+                        steps: int = 200, eval_samples: int = 100, lr: float = 1e-3) -> Any:
     """A widget: forget class, mapping, lambda (log scale with 0), gamma, steps, Run."""
     import ipywidgets as w
 
@@ -72,7 +72,7 @@ def forgetting_explorer(model: nn.Module, classifier: nn.Module, fisher: Mapping
         try:
             out = explore_forgetting(
                 model, classifier, fisher, forget_class=forget.value, mapping=mapping.value,
-                lmbda=lmbda.value, gamma=gamma.value, steps=n_steps.value,
+                lmbda=lmbda.value, gamma=gamma.value, steps=n_steps.value, lr=lr,
                 eval_samples=eval_samples, on_step=lambda s: setattr(bar, "value", s))
             image.value = out["png"]
             table.value = metrics_table({f"forget {forget.value} -> {mapping.value}, "
