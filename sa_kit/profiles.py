@@ -79,17 +79,16 @@ class DDPMSizes:
 
 # Chapter 2 sizes per profile: ci/cpu learn the offline digits (16x16 RGB) on a CPU.
 _TINY_DDPM = dict(dataset="digits", layers_per_block=1, attention_resolutions=(),
-                  norm_num_groups=8, lr=2e-3, guidance_scale=3.0, inference_steps=10,
-                  forget_lr=1e-3)
+                  norm_num_groups=8, lr=2e-3, guidance_scale=3.0, inference_steps=10)
 DDPM = {
     "ci": DDPMSizes(**_TINY_DDPM, image_size=16, block_out_channels=(16, 32), batch_size=32,
                     train_steps=400, classifier_steps=150, fisher_samples=4,
                     fisher_timesteps=10, forget_steps=20, forget_batch=16, lmbda=10.0,
-                    replay_buffer=32, eval_samples=10, widget_steps=3),
+                    replay_buffer=32, eval_samples=10, widget_steps=3, forget_lr=3e-4),
     "cpu": DDPMSizes(**_TINY_DDPM, image_size=16, block_out_channels=(32, 32, 64),
                      batch_size=64, train_steps=800, classifier_steps=300, fisher_samples=50,
                      fisher_timesteps=25, forget_steps=100, forget_batch=32, lmbda=10.0,
-                     replay_buffer=256, eval_samples=30, widget_steps=40),
+                     replay_buffer=256, eval_samples=30, widget_steps=40, forget_lr=1e-3),
     "gpu": DDPMSizes(),
 }
 

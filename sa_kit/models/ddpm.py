@@ -104,7 +104,10 @@ class ClassConditionalDDPM(nn.Module):
                              persistent=False)
         self.guidance_scale = check_guidance_scale(guidance_scale)
         self.num_inference_steps = num_inference_steps
-        self.config = {"unet": dict(unet.config), "num_classes": num_classes,
+        # diffusers' private keys (e.g. ``_use_default_values``, a set) would make cache keys
+        # differ from run to run; keep only the architecture
+        arch = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        self.config = {"unet": arch, "num_classes": num_classes,
                        "schedule": [num_train_timesteps, beta_start, beta_end]}
 
     @property
