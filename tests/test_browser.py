@@ -223,7 +223,7 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
             table = page.locator(".widget-html-content:has(table)")
             # the notebook's last code cell drives the explorer once (lambda = 1000)
             _wait(page, lambda: image.count() == 1 and table.count() == 1
-                  and "lambda=1000" in table.inner_text(), "the explorer's first run", 240)
+                  and "lambda=1000" in table.inner_text(), "the explorer's first run", 600)
             _wait(page, lambda: page.locator('.jp-Notebook-ExecutionIndicator'
                                              '[data-status="idle"]').count() > 0,
                   "the kernel to go idle", 120)
@@ -246,7 +246,7 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
 
             page.locator("button.widget-button", has_text="Run").click()
             _wait(page, lambda: image.get_attribute("src") != src_before
-                  and table.inner_text() != table_before, "the explorer's output to change", 180)
+                  and table.inner_text() != table_before, "the explorer's output to change", 300)
             page.screenshot(path=str(shots / "browser-2-after-slider-run.png"))
             table_after = table.inner_text()
             assert "lambda=100," in table_after and "lambda=1000" not in table_after
