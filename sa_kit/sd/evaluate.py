@@ -140,7 +140,8 @@ def clip_concept_score(images: Sequence[Any], concept: str, alternative: str,
     local = offline() or os.environ.get("HF_HUB_OFFLINE", "") == "1"  # no download attempt
     try:
         from transformers import CLIPModel, CLIPProcessor
-        model = CLIPModel.from_pretrained(model_id, local_files_only=local).eval()
+        model = CLIPModel.from_pretrained(model_id, local_files_only=local,
+                                          use_safetensors=True).eval()
         proc = CLIPProcessor.from_pretrained(model_id, local_files_only=local)
     except (OSError, ValueError) as e:
         print(f"CLIP weights unavailable ({type(e).__name__}): CLIP concept score skipped")
