@@ -24,17 +24,17 @@ PROFILES = ("ci", "cpu", "gpu")
 class MNISTSizes:
     """Chapter 1: the MNIST conditional VAE (sizes of every stage)."""
 
-    vae_steps: int = 6000
-    classifier_steps: int = 800
+    vae_steps: int = 5000
+    classifier_steps: int = 600
     fisher_samples: int = 10_000
-    forget_steps: int = 2500
+    forget_steps: int = 2000
     batch_size: int = 128
     lr: float = 3e-3
     lmbda: float = 100.0
     gamma: float = 1.0
-    ablation_steps: int = 1000  # the mapping and ablation runs of chapter 1
-    eval_samples: int = 1000  # generated samples per class for the metrics
-    widget_steps: int = 300
+    ablation_steps: int = 400  # the mapping and ablation runs of chapter 1 (5 runs)
+    eval_samples: int = 500  # generated samples per class for the metrics
+    widget_steps: int = 150
 
 
 # Chapter 1 sizes per profile.
@@ -88,11 +88,11 @@ DDPM = {
                     batch_size=32, train_steps=600, classifier_steps=150, fisher_samples=10,
                     fisher_timesteps=10, forget_steps=150, forget_batch=16, lmbda=10.0,
                     replay_buffer=64, eval_samples=20, widget_steps=3, forget_lr=1e-3),
-    # cpu: measured on 2 cores -- accuracy on samples 0.94 before; after 250 forgetting
-    # steps P(c_f) 0.098 (-> noise) / 0.043 (-> class 1), remembered accuracy 1.01x / 1.05x
+    # cpu: measured on 2 cores -- accuracy on samples 0.94 before forgetting; 250 forgetting
+    # steps left remembered accuracy at 0.86-1.05x depending on the run, hence 500
     "cpu": DDPMSizes(**_TINY_DDPM, image_size=16, block_out_channels=(32, 32, 64),
                      batch_size=64, train_steps=800, classifier_steps=300, fisher_samples=50,
-                     fisher_timesteps=25, forget_steps=250, forget_batch=32, lmbda=10.0,
+                     fisher_timesteps=25, forget_steps=500, forget_batch=32, lmbda=10.0,
                      replay_buffer=256, eval_samples=50, widget_steps=40, forget_lr=1e-3),
     "gpu": DDPMSizes(),
 }

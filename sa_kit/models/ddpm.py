@@ -82,16 +82,11 @@ class ClassConditionalDDPM(nn.Module):
         num_train_timesteps, beta_start, beta_end: the DDPM noise schedule (Ho et al. 2020).
         guidance_scale: CFG weight w used by :meth:`sample` (>= 0).
         num_inference_steps: DDIM steps used by :meth:`sample`.
-        label_dropout: in training mode, the probability that :meth:`neg_elbo` replaces a
-            label by the null class. This keeps eps(x_t, null) -- half of every guided
-            prediction -- trained: while the model is fitted *and while it forgets*. Without
-            it, forgetting moves the shared weights under a null class that no longer learns,
-            and guided samples of every class degrade.
     """
 
     def __init__(self, unet: UNet2DModel, num_classes: int = 10, num_train_timesteps: int = 1000,
                  beta_start: float = 1e-4, beta_end: float = 0.02, guidance_scale: float = 2.0,
-                 num_inference_steps: int = 20, label_dropout: float = 0.1) -> None:
+                 num_inference_steps: int = 20) -> None:
         super().__init__()
         if unet.config.num_class_embeds != num_classes + 1:
             raise ValueError(f"unet must have num_class_embeds = num_classes + 1 = "
@@ -109,9 +104,6 @@ class ClassConditionalDDPM(nn.Module):
                              persistent=False)
         self.guidance_scale = check_guidance_scale(guidance_scale)
         self.num_inference_steps = num_inference_steps
-        if not 0 <= label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        self.label_dropout = label_dropout
         # diffusers' private keys (e.g. ``_use_default_values``, a set) would make cache keys
         # differ from run to run; keep only the architecture
         arch = {k: v for k, v in unet.config.items() if not k.startswith("_")}
@@ -152,13 +144,9 @@ class ClassConditionalDDPM(nn.Module):
         Args:
             x: images ``(B, C, H, W)`` in [0, 1].
             c: class indices ``(B,)`` in ``0..num_classes`` (``num_classes`` = null class).
-                In training mode a random ``label_dropout`` share becomes the null class (CFG).
             noise: ``(t, eps)`` from :meth:`draw_noise`; drawn here if None.
         """
         c = self.check_labels(c, allow_null=True)
-        if self.training and self.label_dropout > 0:               # classifier-free guidance
-            drop = torch.rand(c.shape, device=c.device) < self.label_dropout
-            c = torch.where(drop, torch.full_like(c, self.null_class), c)
         t, eps = noise if noise is not None else self.draw_noise(x)
         return self.eps_loss(x, c, t, eps)
 
@@ -216,8 +204,7 @@ def train_ddpm(model: ClassConditionalDDPM, x: Tensor, y: Tensor, steps: int,
         model: the adapter; trained in place.
         x, y: training images ``(N, C, H, W)`` in [0, 1] and labels ``(N,)``.
         steps, batch_size, lr, grad_clip: Adam settings.
-        label_dropout: probability of replacing a label by the null class (CFG training);
-            stored as ``model.label_dropout``, so forgetting keeps the same share.
+        label_dropout: probability of replacing a label by the null class (CFG training).
         checkpoint_dir: if set, a safetensors checkpoint is written every ``checkpoint_every``
             steps and at the end; a call with an existing checkpoint resumes from it.
 
@@ -235,13 +222,15 @@ def train_ddpm(model: ClassConditionalDDPM, x: Tensor, y: Tensor, steps: int,
     start, history = 0, {"loss": []}
     if ckpt is not None and ckpt.exists():
         _, start, history = load_ckpt(ckpt, model, opt, key)
-    model.label_dropout = label_dropout                             # applied by neg_elbo
     model.train()
     bar = tqdm(range(start, steps), desc="training DDPM", disable=not progress,
                initial=start, total=steps)
     for step in bar:
         idx = torch.randint(len(y), (batch_size,))
-        loss = model.neg_elbo(x[idx].to(device), y[idx].to(device)).mean()  # Algorithm 1
+        c = y[idx].to(device)
+        drop = torch.rand(batch_size, device=device) < label_dropout
+        c = torch.where(drop, torch.full_like(c, model.null_class), c)  # null class for CFG
+        loss = model.neg_elbo(x[idx].to(device), c).mean()              # Algorithm 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
