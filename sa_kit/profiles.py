@@ -39,8 +39,8 @@ class MNISTSizes:
 
 # Chapter 1 sizes per profile.
 MNIST = {
-    "ci": MNISTSizes(vae_steps=3000, classifier_steps=300, fisher_samples=2000,
-                     forget_steps=500, ablation_steps=300, eval_samples=200,
+    "ci": MNISTSizes(vae_steps=2500, classifier_steps=200, fisher_samples=2000,
+                     forget_steps=400, ablation_steps=150, eval_samples=200,
                      widget_steps=100),
     "cpu": MNISTSizes(),
     "gpu": MNISTSizes(vae_steps=20_000, classifier_steps=3000, fisher_samples=50_000,
