@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,32 +42,19 @@ def _rows(obj: Any, idx: slice) -> Any:
     return obj[idx]
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The Fisher is of the trained model's likelihood: no training-time randomness (dropout,
-    CFG label dropout) while it is computed; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def fisher_per_sample(model: ForgettableModel, x: Tensor, c: Any,
                       noise: tuple[Tensor, ...] | None = None) -> Fisher:
     """Reference estimator: ``mean_n grad(neg_elbo(x_n, c_n))^2``, one backward per sample."""
     noise = noise if noise is not None else model.draw_noise(x)
     params = _trainable(model)
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
-    with _eval_mode(model):
-        for n in range(x.shape[0]):
-            one = slice(n, n + 1)
-            loss = model.neg_elbo(x[one], _rows(c, one), _rows(noise, one)).sum()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads):
-                if g is not None:
-                    fisher[k] += g.detach() ** 2
+    for n in range(x.shape[0]):
+        one = slice(n, n + 1)
+        loss = model.neg_elbo(x[one], _rows(c, one), _rows(noise, one)).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for k, g in zip(params, grads):
+            if g is not None:
+                fisher[k] += g.detach() ** 2
     return {k: f / x.shape[0] for k, f in fisher.items()}
 
 
@@ -147,11 +133,10 @@ def fisher_fast(model: ForgettableModel, x: Tensor, c: Any,
                 noise: tuple[Tensor, ...] | None = None, chunk_size: int | None = None) -> Fisher:
     """Exact batched estimator; equals :func:`fisher_per_sample` on the same ``(x, c, noise)``."""
     noise = noise if noise is not None else model.draw_noise(x)
-    with _eval_mode(model):
-        sums, done = _linear_square_grads(model, x, c, noise)
-        rest = [k for k in _trainable(model) if k not in done]
-        if rest:
-            sums.update(_func_square_grads(model, rest, x, c, noise, chunk_size))
+    sums, done = _linear_square_grads(model, x, c, noise)
+    rest = [k for k in _trainable(model) if k not in done]
+    if rest:
+        sums.update(_func_square_grads(model, rest, x, c, noise, chunk_size))
     return {k: sums[k] / x.shape[0] for k in _trainable(model)}
 
 

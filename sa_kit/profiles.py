@@ -78,20 +78,19 @@ class DDPMSizes:
 
 
 # Chapter 2 sizes per profile: ci/cpu learn the offline digits (16x16 RGB) on a CPU.
-_TINY_DDPM = dict(dataset="digits", layers_per_block=1, attention_resolutions=(),
-                  norm_num_groups=8, lr=2e-3, guidance_scale=3.0, inference_steps=10)
+_TINY_DDPM = dict(dataset="digits", image_size=16, block_out_channels=(32, 32, 64),
+                  layers_per_block=1, attention_resolutions=(), norm_num_groups=8, lr=2e-3,
+                  guidance_scale=3.0, inference_steps=10)
 DDPM = {
     # ci: the cpu UNet with half the batch and fewer steps -- samples still recognisable
     # (measured: classifier accuracy 0.83 on them), a shorter forgetting run (150 steps: remembered
     # accuracy 0.7-0.9x; the first steps disrupt every class and replay brings them back)
-    "ci": DDPMSizes(**_TINY_DDPM, image_size=16, block_out_channels=(32, 32, 64),
-                    batch_size=32, train_steps=600, classifier_steps=150, fisher_samples=10,
+    "ci": DDPMSizes(**_TINY_DDPM, batch_size=32, train_steps=600, classifier_steps=150, fisher_samples=10,
                     fisher_timesteps=10, forget_steps=150, forget_batch=16, lmbda=10.0,
                     replay_buffer=64, eval_samples=20, widget_steps=3, forget_lr=1e-3),
     # cpu: measured on 2 cores -- accuracy on samples 0.94 before forgetting; 250 forgetting
     # steps left remembered accuracy at 0.86-1.05x depending on the run, hence 500
-    "cpu": DDPMSizes(**_TINY_DDPM, image_size=16, block_out_channels=(32, 32, 64),
-                     batch_size=64, train_steps=800, classifier_steps=300, fisher_samples=50,
+    "cpu": DDPMSizes(**_TINY_DDPM, batch_size=64, train_steps=800, classifier_steps=300, fisher_samples=50,
                      fisher_timesteps=25, forget_steps=500, forget_batch=32, lmbda=10.0,
                      replay_buffer=256, eval_samples=50, widget_steps=40, forget_lr=1e-3),
     "gpu": DDPMSizes(),
