@@ -1,151 +1,163 @@
-"""The diagonal Fisher of a diffusion model: exact over all timesteps, and a fast estimator.
+"""The diagonal Fisher of a diffusion model -- one definition, the paper's, for the DDPM and SD.
 
-The original Selective Amnesia code computes, for each generated sample x_n of class c_n, the
-gradient of its DDPM loss *over all T = 1000 timesteps* and squares it:
+The official code (``ddpm/runners/diffusion.py: save_fim``; ``sd/ldm/models/diffusion/
+ddpm_fim.py: training_step``) takes each generated sample x_n of condition c_n, sums its
+diffusion loss over *all* T = 1000 timesteps (a fresh eps for each), takes the gradient of that
+sum, and squares it:
 
-    F_i = 1/N sum_n ( d/d theta_i  L(x_n, c_n) )^2,   L(x, c) = 1/T sum_{t=0}^{T-1} l(x, c, t, eps_t)   (*)
+    F_i = 1/N sum_n ( d/d theta_i  sum_{t=0}^{T-1} l(x_n, c_n, t, eps_{n,t}) )^2            (*)
 
-with l the epsilon-prediction loss (:meth:`ClassConditionalDDPM.eps_loss`). The original sums
-over t instead of averaging; that multiplies F by T^2 -- the same ranking and relative values,
-only lambda's scale changes. Here L is the mean, the same scale as the model's ``neg_elbo``.
+with ``l`` the model's per-sample loss at one timestep -- the adapter's ``neg_elbo(x, c, (t,
+eps))`` (summed over pixels for the DDPM, averaged over latent dimensions for Stable Diffusion).
+That is the Fisher of the ELBO summed over timesteps, the quantity the published lambdas were
+tuned with. :func:`diffusion_fisher` computes it:
 
-* :func:`diffusion_fisher_exact` -- (*) as written: T timesteps per sample, in chunks of
-  ``chunk_size`` timesteps per backward pass (T forward/backward rows per sample).
-* :func:`diffusion_fisher_fast` -- the inner mean over t replaced by a *stratified* subsample of
-  K timesteps (one uniformly inside each of K equal strata of 0..T-1), an unbiased estimate of
-  the gradient of L: ~T/K times less work. ``benchmarks/ddpm_fisher.py`` measures speed and
-  agreement.
+* ``num_timesteps=None`` -- exactly (*): T loss evaluations per sample, in chunks.
+* ``num_timesteps=K`` -- the sum over t estimated from K *stratified* timesteps (one uniform draw
+  in each of K equal strata of 0..T-1, each weighted by its stratum's size): an unbiased estimate
+  g_hat of the gradient of the sum at ~K/T of the cost. Squaring it is biased upward,
+  E[g_hat^2] = g^2 + Var(g_hat), so the default ``estimator="product"`` multiplies two independent
+  stratified estimates of K/2 timesteps each, E[g_hat1 g_hat2] = g^2: unbiased (the mean over
+  samples is clamped at 0). ``estimator="square"`` squares one estimate of K timesteps.
+  ``benchmarks/ddpm_fisher.py`` prints speed, error, rank correlation and bias of both.
 
-Both return ``{parameter name: F}`` like :mod:`sa_kit.fisher`, so ``check_fisher``,
-``save_fisher``/``load_fisher`` and :func:`sa_kit.forget.forget_class` take them unchanged.
+Each item's timesteps and noise come from a generator seeded by ``(seed, item id)``, so the result
+does not depend on batching or on how many processes share the items (Stable Diffusion with
+``accelerate``). The model is put in eval mode (dropout off), as the official DDPM code does.
+
+Departure, said here: the official DDPM code also replaces 10% of the labels inside (*) by the
+null class (its loss function's default label dropout); the kit keeps the true labels -- the
+null class is not a concept being remembered, and forgetting never trains it.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sa_kit.fisher import Fisher, _trainable
+from sa_kit.checks import check_choice, check_positive_int
+from sa_kit.fisher import Fisher, trainable
 
-__all__ = ["diffusion_fisher_exact", "diffusion_fisher_fast", "ddpm_model_fisher",
-           "stratified_timesteps", "fisher_agreement"]
+ESTIMATORS = ("product", "square")
+
+__all__ = ["diffusion_fisher", "stratified_timesteps", "fisher_agreement", "ESTIMATORS"]
 
 
 def stratified_timesteps(num_train_timesteps: int, k: int,
-                         generator: torch.Generator | None = None) -> Tensor:
-    """One timestep drawn uniformly inside each of ``k`` equal strata of ``0..T-1``, ``(k,)``."""
-    if not 1 <= k <= num_train_timesteps:
-        raise ValueError(f"num_timesteps must be in 1..{num_train_timesteps}, got {k}")
-    edges = torch.linspace(0, num_train_timesteps, k + 1)
+                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One timestep uniform in each of ``k`` equal strata of ``0..T-1``, and each stratum's size.
+
+    Returns:
+        ``(t, weight)``, both ``(k,)``: ``sum_j weight_j l(t_j)`` is an unbiased estimate of
+        ``sum_{t<T} l(t)``; with ``k = T`` it is the sum itself.
+    """
+    T = num_train_timesteps
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
+        raise ValueError(f"num_timesteps must be an integer in 1..{T} (or None for all), got {k!r}")
+    edges = torch.div(torch.arange(k + 1) * T, k, rounding_mode="floor")
+    size = edges[1:] - edges[:-1]
     u = torch.rand(k, generator=generator)
-    return (edges[:-1] + u * (edges[1:] - edges[:-1])).long().clamp(max=num_train_timesteps - 1)
+    return edges[:-1] + (u * size).long().clamp(max=size - 1), size.double()
 
 
-def _sample_grad(model, x1: Tensor, c1: Tensor, t: Tensor, eps: Tensor,
-                 params: dict[str, Tensor], chunk_size: int) -> list[Tensor]:
-    """Gradient of ``1/len(t) sum_j l(x1, c1, t_j, eps_j)`` for one sample, in chunks of t."""
-    grads = [torch.zeros_like(p) for p in params.values()]
+def _rows(c: Any, k: int) -> Any:
+    """Condition of one item repeated ``k`` times (class labels or text hidden states)."""
+    return c.expand(k, *c.shape[1:]) if isinstance(c, Tensor) else [c[0]] * k
+
+
+def _grad_of_sum(model: Any, x1: Tensor, c1: Any, t: Tensor, weight: Tensor, eps: Tensor,
+                 params: list[Tensor], chunk_size: int) -> list[Tensor]:
+    """Gradient of ``sum_j weight_j l(x1, c1, t_j, eps_j)`` for one item, in chunks of t."""
+    grads = [torch.zeros_like(p) for p in params]
     for i in range(0, len(t), chunk_size):
-        tc, ec = t[i:i + chunk_size], eps[i:i + chunk_size]
+        tc, wc, ec = t[i:i + chunk_size], weight[i:i + chunk_size], eps[i:i + chunk_size]
         k = len(tc)
-        loss = model.eps_loss(x1.expand(k, *x1.shape[1:]), c1.expand(k), tc, ec).sum() / len(t)
-        for g, gi in zip(grads, torch.autograd.grad(loss, list(params.values()),
-                                                    allow_unused=True)):
+        losses = model.neg_elbo(x1.expand(k, *x1.shape[1:]), _rows(c1, k), (tc, ec))
+        loss = (losses * wc.to(losses.dtype)).sum()
+        for g, gi in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
             if gi is not None:
-                g += gi                                   # grad of a sum = sum of chunk grads
+                g += gi.float()                        # grad of a sum = sum of chunk grads
     return grads
 
 
-def _fisher_over_timesteps(model, x: Tensor, c: Tensor, timesteps: Tensor, eps: Tensor,
-                           chunk_size: int, desc: str, progress: bool) -> Fisher:
-    """``1/N sum_n (grad L_n)^2`` with L_n the mean loss of sample n over ``timesteps[n]``."""
-    params = _trainable(model)
-    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
-    for n in tqdm(range(len(x)), desc=desc, disable=not progress):
-        grads = _sample_grad(model, x[n:n + 1], c[n:n + 1], timesteps[n], eps[n], params,
-                             chunk_size)
-        for k, g in zip(params, grads):
-            fisher[k] += g ** 2
-    return {k: f / len(x) for k, f in fisher.items()}
-
-
-def _check_inputs(model, x: Tensor, c: Tensor, eps: Tensor | None, chunk_size: int) -> Tensor:
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    c = model.check_labels(c)
+def _item_draws(model: Any, x1: Tensor, K: int | None, generator: torch.Generator,
+                eps_table: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Timesteps, weights and noise of one item (all T timesteps when ``K`` is None)."""
     T = model.num_train_timesteps
-    if eps is not None and tuple(eps.shape) != (len(x), T, *x.shape[1:]):
-        raise ValueError(f"eps must have shape (N, T, C, H, W) = {(len(x), T, *x.shape[1:])}, "
-                         f"got {tuple(eps.shape)}")
-    return c
+    if K is None:
+        t, w = torch.arange(T), torch.ones(T, dtype=torch.float64)
+    else:
+        t, w = stratified_timesteps(T, K, generator)
+    if eps_table is not None:
+        eps = eps_table[t]
+    else:
+        eps = torch.randn((len(t), *x1.shape[1:]), generator=generator)
+    return t.to(x1.device), w.to(x1.device), eps.to(x1.device, x1.dtype)
 
 
-def diffusion_fisher_exact(model, x: Tensor, c: Tensor, eps: Tensor | None = None,
-                           chunk_size: int = 250, progress: bool = True) -> Fisher:
-    """Eq. (*): each sample's loss over *all* T timesteps, gradient squared, averaged over samples.
+def diffusion_fisher(model: Any, x: Tensor, c: Any, num_timesteps: int | None = None, *,
+                     estimator: str = "product", seed: int = 0,
+                     item_ids: Sequence[int] | None = None, eps: Tensor | None = None,
+                     chunk_size: int = 50, progress: bool = True) -> Fisher:
+    """Eq. (*): each item's loss summed over all timesteps, its gradient squared, averaged.
 
     Args:
-        model: a :class:`~sa_kit.models.ddpm.ClassConditionalDDPM` (anything with
-            ``eps_loss``, ``num_train_timesteps`` and ``check_labels``).
-        x, c: samples ``(N, C, H, W)`` in [0, 1] (generated by the model) and their classes.
-        eps: optional noise table ``(N, T, C, H, W)`` (one eps per sample and timestep).
-        chunk_size: timesteps per forward/backward pass (memory vs. speed).
+        model: a diffusion adapter: ``neg_elbo(x, c, (t, eps))`` per sample and
+            ``num_train_timesteps`` (:class:`~sa_kit.models.ddpm.ClassConditionalDDPM`,
+            :class:`~sa_kit.sd.adapter.SDAdapter`).
+        x, c: generated samples ``(N, ...)`` and their conditions (labels or text states).
+        num_timesteps: None for all T timesteps (exact), or K stratified timesteps.
+        estimator: ``"product"`` (unbiased; needs K >= 2) or ``"square"`` (see module doc).
+        seed, item_ids: item n's timesteps and noise come from ``(seed, item_ids[n])``
+            (default ids ``0..N-1``).
+        eps: optional noise table ``(N, T, ...)``: item n at timestep t uses ``eps[n, t]`` (to
+            compare estimators, or an independent implementation, on the same noise).
+        chunk_size: timesteps per forward/backward pass (memory vs speed).
 
     Returns:
-        ``{name: F}`` for every trainable parameter.
+        ``{name: F}`` for every trainable parameter of ``model``.
     """
-    c = _check_inputs(model, x, c, eps, chunk_size)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_positive_int("chunk_size", chunk_size)
     T = model.num_train_timesteps
-    t = torch.arange(T, device=x.device).expand(len(x), T)
-    eps = eps if eps is not None else torch.randn(len(x), T, *x.shape[1:], device=x.device)
-    return _fisher_over_timesteps(model, x, c, t, eps, chunk_size, "Fisher (exact, all t)",
-                                  progress)
-
-
-def diffusion_fisher_fast(model, x: Tensor, c: Tensor, num_timesteps: int = 50,
-                          eps: Tensor | None = None, chunk_size: int = 50,
-                          generator: torch.Generator | None = None,
-                          progress: bool = True) -> Fisher:
-    """Eq. (*) with the mean over t estimated on ``num_timesteps`` stratified timesteps.
-
-    Args:
-        model, x, c, chunk_size: as in :func:`diffusion_fisher_exact`.
-        num_timesteps: K, timesteps per sample (K = T gives the exact estimator).
-        eps: optional full noise table ``(N, T, C, H, W)``; the chosen timesteps' rows are used
-            (so the two estimators can be compared on the same noise).
-        generator: seeds the timestep choice.
-    """
-    c = _check_inputs(model, x, c, eps, chunk_size)
-    T = model.num_train_timesteps
-    t = torch.stack([stratified_timesteps(T, num_timesteps, generator) for _ in range(len(x))])
-    t = t.to(x.device)
-    if eps is None:
-        eps = torch.randn(len(x), num_timesteps, *x.shape[1:], device=x.device)
-    else:
-        eps = torch.stack([eps[n, t[n]] for n in range(len(x))])
-    return _fisher_over_timesteps(model, x, c, t, eps, chunk_size,
-                                  f"Fisher (fast, {num_timesteps} t)", progress)
-
-
-def ddpm_model_fisher(model, classes: Iterable[int], num_samples: int, num_timesteps: int = 50,
-                      chunk_size: int = 50, sample_batch: int = 100,
-                      progress: bool = True) -> Fisher:
-    """Diffusion Fisher on the model's own samples, classes drawn uniformly (as the original).
-
-    Like :func:`sa_kit.fisher.model_fisher`, but each sample's gradient is that of its loss
-    over (a stratified subsample of) all timesteps, eq. (*).
-    """
-    if not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    classes = torch.as_tensor(list(classes))
-    device = next(model.parameters()).device
-    c = classes[torch.randint(len(classes), (num_samples,))].to(device)
-    x = torch.cat([model.sample(c[i:i + sample_batch]) for i in range(0, num_samples,
-                                                                       sample_batch)])
-    return diffusion_fisher_fast(model, x, c, num_timesteps, chunk_size=chunk_size,
-                                 progress=progress)
+    if num_timesteps is not None:
+        stratified_timesteps(T, num_timesteps)                     # validates K
+        if estimator == "product" and num_timesteps < 2:
+            raise ValueError("estimator='product' needs num_timesteps >= 2 (two halves)")
+    ids = list(range(len(x))) if item_ids is None else [int(i) for i in item_ids]
+    if len(ids) != len(x):
+        raise ValueError(f"item_ids must have one id per sample ({len(x)}), got {len(ids)}")
+    if eps is not None and tuple(eps.shape) != (len(x), T, *x.shape[1:]):
+        raise ValueError(f"eps must have shape (N, T, ...) = {(len(x), T, *x.shape[1:])}, "
+                         f"got {tuple(eps.shape)}")
+    named = trainable(model)
+    params = list(named.values())
+    fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in named.items()}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    label = "all T" if num_timesteps is None else f"{num_timesteps} stratified t"
+    try:
+        for n in tqdm(range(len(x)), desc=f"Fisher ({label})", disable=not progress):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + ids[n])
+            x1, c1 = x[n:n + 1], c[n:n + 1]
+            table = eps[n] if eps is not None else None
+            if num_timesteps is None or estimator == "square":
+                t, w, e = _item_draws(model, x1, num_timesteps, g, table)
+                grads = _grad_of_sum(model, x1, c1, t, w, e, params, chunk_size)
+                squares = [gi ** 2 for gi in grads]
+            else:                                   # two independent halves: E[g1 g2] = g^2
+                halves = []
+                for k in (num_timesteps // 2, num_timesteps - num_timesteps // 2):
+                    t, w, e = _item_draws(model, x1, k, g, table)
+                    halves.append(_grad_of_sum(model, x1, c1, t, w, e, params, chunk_size))
+                squares = [a * b for a, b in zip(*halves)]
+            for k, s in zip(named, squares):
+                fisher[k] += s
+    finally:
+        model.train(was_training)
+    return {k: (f / len(x)).clamp_min(0) for k, f in fisher.items()}
 
 
 def fisher_agreement(estimate: Mapping[str, Tensor], reference: Mapping[str, Tensor]
@@ -153,8 +165,9 @@ def fisher_agreement(estimate: Mapping[str, Tensor], reference: Mapping[str, Ten
     """How close two Fishers are, over all their entries flattened into one vector.
 
     Returns:
-        ``rel_error`` = ||F_est - F_ref|| / ||F_ref||, ``spearman`` = rank correlation of the
-        entries, and ``top10_overlap`` = share of the reference's top-10% entries also in the
+        ``rel_error`` = ||F_est - F_ref|| / ||F_ref||; ``bias`` = (sum F_est - sum F_ref) /
+        sum F_ref (the relative excess of total mass); ``spearman`` = rank correlation of the
+        entries; ``top10_overlap`` = share of the reference's top-10% entries also in the
         estimate's top 10%.
     """
     a = torch.cat([estimate[k].flatten().double() for k in reference])
@@ -166,29 +179,6 @@ def fisher_agreement(estimate: Mapping[str, Tensor], reference: Mapping[str, Ten
     k = max(1, len(b) // 10)
     top_a, top_b = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
     return {"rel_error": float((a - b).norm() / b.norm()),
+            "bias": float((a.sum() - b.sum()) / b.sum()),
             "spearman": float((ra * rb).sum() / (ra.norm() * rb.norm())),
             "top10_overlap": len(top_a & top_b) / k}
-
-
-def cached_ddpm_fisher(model, classes: Iterable[int], num_samples: int, num_timesteps: int = 50,
-                       tag: str = "", progress: bool = True) -> Fisher:
-    """:func:`ddpm_model_fisher`, saved with ``save_fisher`` and reloaded on a rerun.
-
-    The file name hashes the settings, ``tag`` (e.g. the data source) and a checksum of the
-    weights, so a retrained model never reuses another model's Fisher.
-    """
-    from sa_kit.fisher import load_fisher, save_fisher
-    from sa_kit.io import cache_dir, config_hash
-
-    weights = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
-    key = config_hash({"classes": list(classes), "n": num_samples, "k": num_timesteps,
-                       "tag": tag, "weights": f"{weights:.10e}"})
-    path = cache_dir() / f"ddpm-fisher-{key}.safetensors"
-    if path.exists():
-        try:
-            return load_fisher(path, model)
-        except ValueError:
-            pass                                         # corrupt or foreign: recompute
-    fisher = ddpm_model_fisher(model, classes, num_samples, num_timesteps, progress=progress)
-    save_fisher(path, fisher, model, {"num_samples": num_samples, "timesteps": num_timesteps})
-    return fisher

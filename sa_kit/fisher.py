@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from sa_kit.io import load_tensors, save_tensors
+from sa_kit.checks import check_choice, check_positive_int
+from sa_kit.io import cache_dir, load_tensors, save_tensors, weights_fingerprint, config_hash
 from sa_kit.objective import ForgettableModel
 
 Fisher = dict[str, Tensor]
 
 
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
+def trainable(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: parameter}`` of the parameters that train (``requires_grad``): what F covers."""
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
@@ -46,7 +49,7 @@ def fisher_per_sample(model: ForgettableModel, x: Tensor, c: Any,
                       noise: tuple[Tensor, ...] | None = None) -> Fisher:
     """Reference estimator: ``mean_n grad(neg_elbo(x_n, c_n))^2``, one backward per sample."""
     noise = noise if noise is not None else model.draw_noise(x)
-    params = _trainable(model)
+    params = trainable(model)
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     for n in range(x.shape[0]):
         one = slice(n, n + 1)
@@ -134,10 +137,10 @@ def fisher_fast(model: ForgettableModel, x: Tensor, c: Any,
     """Exact batched estimator; equals :func:`fisher_per_sample` on the same ``(x, c, noise)``."""
     noise = noise if noise is not None else model.draw_noise(x)
     sums, done = _linear_square_grads(model, x, c, noise)
-    rest = [k for k in _trainable(model) if k not in done]
+    rest = [k for k in trainable(model) if k not in done]
     if rest:
         sums.update(_func_square_grads(model, rest, x, c, noise, chunk_size))
-    return {k: sums[k] / x.shape[0] for k in _trainable(model)}
+    return {k: sums[k] / x.shape[0] for k in trainable(model)}
 
 
 ESTIMATORS = {"fast": fisher_fast, "per_sample": fisher_per_sample}
@@ -150,11 +153,9 @@ def model_fisher(model: ForgettableModel, classes: Iterable[int], num_samples: i
     Classes are drawn uniformly from ``classes`` (all classes the model learned, as in the
     original code), x ~ p(x | theta*, c) by ``model.sample``.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_choice("estimator", estimator, sorted(ESTIMATORS))
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("batch_size", batch_size)
     classes = torch.as_tensor(list(classes))
     device = next(model.parameters()).device
     total: Fisher | None = None
@@ -175,7 +176,7 @@ def model_fisher(model: ForgettableModel, classes: Iterable[int], num_samples: i
 
 def check_fisher(fisher: Mapping[str, Tensor], model: nn.Module) -> None:
     """Raise ``ValueError`` unless ``fisher`` has exactly the model's trainable names and shapes."""
-    params = _trainable(model)
+    params = trainable(model)
     missing = sorted(set(params) - set(fisher))
     extra = sorted(set(fisher) - set(params))
     shapes = sorted(k for k in set(params) & set(fisher)
@@ -221,3 +222,38 @@ def fisher_summary(fisher: Mapping[str, Tensor]) -> list[dict[str, float]]:
     rows = [{"name": k, "numel": v.numel(), "mass": float(v.sum()) / total,
              "mean": float(v.mean())} for k, v in fisher.items()]
     return sorted(rows, key=lambda r: -r["mass"])
+
+
+def cached_fisher(name: str, model: nn.Module, settings: Mapping[str, Any],
+                  compute: Callable[[], Fisher], verbose: bool = True) -> Fisher:
+    """The kit's one cached-Fisher policy: load it if this model and these settings made it.
+
+    The file ``cache_dir()/{name}-{key}.safetensors`` is keyed by the model's exact weights
+    (:func:`sa_kit.io.weights_fingerprint`) and ``settings``. A file that is unreadable or does
+    not fit the model is reported (a warning) and rebuilt, never silently reused.
+    """
+    key = config_hash({"weights": weights_fingerprint(model), **dict(settings)})
+    path = cache_dir() / f"{name}-{key}.safetensors"
+    if path.exists():
+        try:
+            fisher, meta = load_tensors(path, next(model.parameters()).device)
+        except ValueError as e:                            # truncated or corrupt
+            warnings.warn(f"cached Fisher is unreadable and will be rebuilt: {e}", stacklevel=2)
+        else:
+            if meta.get("config_hash") != key:
+                warnings.warn(f"cached Fisher {path.name} was made by another config "
+                              f"({meta.get('config_hash')} != {key}); rebuilding", stacklevel=2)
+            else:
+                try:
+                    check_fisher(fisher, model)
+                    if verbose:
+                        print(f"{name}: loaded cached Fisher ({path.name})")
+                    return fisher
+                except ValueError as e:
+                    warnings.warn(f"cached Fisher does not fit this model and will be rebuilt: "
+                                  f"{e}", stacklevel=2)
+    fisher = compute()
+    save_fisher(path, fisher, model, {"config_hash": key, **dict(settings)})
+    if verbose:
+        print(f"{name}: computed and cached ({path.name})")
+    return fisher

@@ -20,12 +20,39 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def cache_dir() -> Path:
-    """Where cached weights, Fisher files and datasets live: ``$SA_KIT_CACHE`` or the user cache."""
+class CacheDirError(OSError):
+    """The cache directory cannot be created or written (names the folder and SA_KIT_CACHE)."""
+
+
+def cache_root() -> Path:
+    """``$SA_KIT_CACHE``, else ``$XDG_CACHE_HOME/sa_kit``, else ``~/.cache/sa_kit`` (not created)."""
     root = os.environ.get("SA_KIT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "sa_kit")
-    path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    return Path(root).expanduser()
+
+
+def check_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Create the cache folder if needed and prove it is writable, or raise :class:`CacheDirError`."""
+    path = Path(path) if path is not None else cache_root()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CacheDirError(f"cache directory {path} is not writable ({e.strerror or e}); set "
+                            "SA_KIT_CACHE to a folder you can write") from None
+    return path
+
+
+def cache_dir() -> Path:
+    """Where cached weights, Fisher files and datasets live: ``$SA_KIT_CACHE`` or the user cache."""
+    path = cache_root()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheDirError(f"cache directory {path} cannot be created ({e.strerror or e}); set "
+                            "SA_KIT_CACHE to a folder you can write") from None
     return path
 
 
@@ -33,6 +60,29 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """A short, stable hash of a JSON-able config (what made an artifact)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """A short sha256 of a tensor's dtype, shape and exact bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(weights: "torch.nn.Module | Mapping[str, torch.Tensor]") -> str:
+    """The one fingerprint of a model's weights for cache keys: every tensor's exact bytes.
+
+    Takes a module (its ``state_dict``: parameters and persistent buffers) or a mapping of
+    tensors (e.g. a Fisher). Any change to any weight changes it -- unlike a sum or a few
+    tensors' norms, which a forgetting run that trains only some layers could leave unchanged.
+    """
+    state = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(tensor_fingerprint(state[name]).encode())
+    return h.hexdigest()[:16]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

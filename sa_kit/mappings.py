@@ -18,6 +18,32 @@ from sa_kit.replay import ModelSamples
 MAPPING_NAMES = ("noise", "class k (an int)", "an image tensor", "an image folder")
 
 
+def mapping_key(mapping: Any) -> str:
+    """What identifies a mapping in a cache key: its name, or a hash of its images' content.
+
+    Two different image sets never share a key (they would if keyed by their printed form).
+    """
+    from sa_kit.io import config_hash, tensor_fingerprint
+
+    if isinstance(mapping, Tensor):
+        return f"images-{tensor_fingerprint(mapping)}"
+    if isinstance(mapping, ImageMapping):
+        return f"images-{tensor_fingerprint(mapping.images)}"
+    if isinstance(mapping, (str, os.PathLike)) and Path(mapping).is_dir():
+        files = sorted(p for p in Path(mapping).iterdir()
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        return "folder-" + config_hash({p.name: hash_file(p) for p in files})
+    if isinstance(mapping, (int, str)) and not isinstance(mapping, bool):
+        return str(mapping)
+    return getattr(mapping, "key", type(mapping).__name__)
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes (short)."""
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 class UniformNoise:
     """q(x | c_f) = Uniform(low, high) per pixel -- the paper's default surrogate."""
 

@@ -1,24 +1,45 @@
 """How well a model forgot and remembered, judged by a classifier (the paper's evaluation).
 
-On samples generated for the forgotten class c_f: the classifier's average entropy
-H(p(y | x)) (high = looks like no class; at most ln 10 = 2.303 for 10 classes) and average
-p(y = c_f | x) (low = forgotten). On samples of each remembered class: the classifier's
-accuracy (high = remembered).
+On samples generated for the forgotten class c_f (official ``vae/evaluate_with_classifier.py``,
+``ddpm/classifier_evaluation.py``): the classifier's average entropy H(p(y | x)) (high = looks
+like no class; at most ln 10 = 2.303 for 10 classes) and average p(y = c_f | x) (low =
+forgotten). On samples of each remembered class: the classifier's accuracy (high = remembered).
+
+Accuracy alone misses a model that draws one good image per class; two measures of the
+remembered classes' *diversity* join it, both in the evaluator's feature space:
+
+* :func:`frechet_distance` -- the Frechet distance between Gaussians fitted to features of real
+  and generated images (the formula of FID; FID itself uses Inception features);
+* :func:`diversity` -- the mean pairwise feature distance between samples of the same class,
+  averaged over classes (it falls when samples collapse onto a few images).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+__all__ = ["class_probabilities", "entropy", "sample_per_class", "forgetting_metrics",
+           "evaluate_forgetting", "accuracy", "frechet_distance", "diversity", "embed",
+           "real_per_class"]
+
 
 @torch.no_grad()
 def class_probabilities(classifier: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Softmax outputs ``(N, K)`` of the classifier, computed in batches."""
+    """Softmax outputs ``(N, K)`` of the classifier, computed in batches (eval mode)."""
     device = next(classifier.parameters()).device
     classifier.eval()
     return torch.cat([torch.softmax(classifier(x[i:i + batch_size].to(device)), -1).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def embed(classifier: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """The classifier's penultimate features ``(N, D)`` (its ``embed`` method), in batches."""
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    return torch.cat([classifier.embed(x[i:i + batch_size].to(device)).cpu()
                       for i in range(0, len(x), batch_size)])
 
 
@@ -29,25 +50,65 @@ def entropy(probs: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_per_class(model: nn.Module, classes: Sequence[int], n: int,
-                     batch_size: int = 500) -> dict[int, Tensor]:
+                     batch_size: int = 500, **sample_kwargs: Any) -> dict[int, Tensor]:
     """``n`` samples of each class from ``model.sample`` (on the CPU)."""
     device = next(model.parameters()).device
     out = {}
     for k in classes:
-        parts = [model.sample(torch.full((min(batch_size, n - i),), k, device=device)).cpu()
-                 for i in range(0, n, batch_size)]
+        parts = [model.sample(torch.full((min(batch_size, n - i),), k, device=device),
+                              **sample_kwargs).cpu() for i in range(0, n, batch_size)]
         out[k] = torch.cat(parts)
     return out
 
 
-def forgetting_metrics(classifier: nn.Module, samples: dict[int, Tensor], forget_class: int,
-                       target_class: int | None = None) -> dict[str, Any]:
-    """Metrics of the paper from per-class samples of a model.
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature rows ``a`` and ``b`` (FID's formula).
+
+    ``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})``
+    """
+    a, b = a.double(), b.double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError("frechet_distance needs two (N, D) feature matrices with N >= 2 and "
+                         f"the same D; got {tuple(a.shape)} and {tuple(b.shape)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    # tr((S_a S_b)^{1/2}) = sum of sqrt of the eigenvalues of S_a S_b (real, >= 0)
+    eig = torch.linalg.eigvals(s_a @ s_b).real.clamp_min(0)
+    return float((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * eig.sqrt().sum())
+
+
+def diversity(features: Mapping[int, Tensor]) -> float:
+    """Mean pairwise Euclidean distance between features of the same class, averaged over classes.
+
+    ``features`` maps each class to its samples' features ``(N_k, D)`` (N_k >= 2).
+    """
+    per_class = []
+    for k, f in features.items():
+        if len(f) < 2:
+            raise ValueError(f"diversity needs at least 2 samples of class {k}, got {len(f)}")
+        d = torch.cdist(f.double(), f.double())
+        n = len(f)
+        per_class.append(float(d.sum() / (n * (n - 1))))
+    return sum(per_class) / len(per_class)
+
+
+def forgetting_metrics(classifier: nn.Module, samples: Mapping[int, Tensor], forget_class: int,
+                       target_class: int | None = None,
+                       real: Mapping[int, Tensor] | None = None) -> dict[str, Any]:
+    """Metrics of the paper from per-class samples of a model, plus diversity.
+
+    Args:
+        classifier: the evaluation classifier (with ``embed`` for the diversity measures).
+        samples: ``{class: images}`` generated by the model.
+        forget_class, target_class: c_f and, for a class mapping, its target.
+        real: optional ``{class: real images}``; adds the Frechet distance of the remembered
+            classes' samples to them (``frechet``).
 
     Returns:
         ``H`` and ``P_cf``: average entropy and p(y = c_f | x) on samples of c_f;
-        ``P_target``: average p(y = target | x) on them, if ``target_class`` is given;
-        ``acc_remembered``: mean accuracy over the other classes, and ``acc_per_class``.
+        ``P_target`` on them if ``target_class`` is given; ``acc_remembered`` (mean over the
+        other classes) and ``acc_per_class``; ``diversity`` of the remembered classes (if the
+        classifier has ``embed``) and ``frechet`` (if ``real`` is given).
     """
     probs = class_probabilities(classifier, samples[forget_class])
     acc = {k: float((class_probabilities(classifier, x).argmax(-1) == k).float().mean())
@@ -56,16 +117,34 @@ def forgetting_metrics(classifier: nn.Module, samples: dict[int, Tensor], forget
            "acc_remembered": sum(acc.values()) / max(len(acc), 1), "acc_per_class": acc}
     if target_class is not None:
         out["P_target"] = float(probs[:, target_class].mean())
+    remembered = [k for k in samples if k != forget_class]
+    if hasattr(classifier, "embed") and remembered and all(len(samples[k]) > 1 for k in remembered):
+        feats = {k: embed(classifier, samples[k]) for k in remembered}
+        out["diversity"] = diversity(feats)
+        if real is not None:
+            fake = torch.cat([feats[k] for k in remembered])
+            ref = embed(classifier, torch.cat([real[k] for k in remembered if k in real]))
+            out["frechet"] = frechet_distance(ref, fake)
     return out
 
 
 def evaluate_forgetting(model: nn.Module, classifier: nn.Module, forget_class: int,
-                        num_samples: int, target_class: int | None = None) -> dict[str, Any]:
+                        num_samples: int, target_class: int | None = None,
+                        real: Mapping[int, Tensor] | None = None,
+                        **sample_kwargs: Any) -> dict[str, Any]:
     """Sample ``num_samples`` per class from ``model`` and compute :func:`forgetting_metrics`."""
-    samples = sample_per_class(model, range(model.num_classes), num_samples)
-    return forgetting_metrics(classifier, samples, forget_class, target_class)
+    samples = sample_per_class(model, range(model.num_classes), num_samples, **sample_kwargs)
+    return forgetting_metrics(classifier, samples, forget_class, target_class, real)
 
 
 def accuracy(classifier: nn.Module, x: Tensor, y: Tensor) -> float:
     """Plain classification accuracy (e.g. on the real test split)."""
     return float((class_probabilities(classifier, x).argmax(-1) == y).float().mean())
+
+
+def real_per_class(x: Tensor, y: Tensor, classes: Sequence[int] | None = None,
+                   limit: int | None = None) -> dict[int, Tensor]:
+    """``{class: real images}`` from a labelled set (up to ``limit`` per class)."""
+    classes = sorted(set(y.tolist())) if classes is None else classes
+    return {k: x[y == k][:limit] for k in classes}
+

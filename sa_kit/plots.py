@@ -53,7 +53,7 @@ def plot_history(history: Mapping[str, Sequence[float]], title: str = "SA loss t
     """The three terms of the SA objective over the forgetting steps, one panel each."""
     names = [("surrogate", "(1) surrogate  -log p(x|c_f), x~q"),
              ("replay", "(2) replay  -log p(x|c), x~p(x|theta*)"),
-             ("ewc", "(3) EWC  sum F/2 (theta-theta*)^2")]
+             ("ewc", "(3) EWC  sum F (theta-theta*)^2")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 2.8))
     for ax, (key, label) in zip(axes, names):
         ax.plot(history["step"], history[key])
@@ -84,9 +84,10 @@ def plot_fisher_mass(fisher: Mapping[str, Tensor], title: str = "Where the Fishe
 
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """A small HTML table of H / P(c_f) / remembered accuracy (and P(target) if present)."""
+    """A small HTML table of H / P(c_f) / remembered accuracy (and the others if present)."""
     cols = [("H", "H"), ("P_cf", "P(c_f)"), ("P_target", "P(target)"),
-            ("acc_remembered", "acc remembered")]
+            ("acc_remembered", "acc remembered"), ("diversity", "diversity"),
+            ("frechet", "Frechet dist."), ("seconds", "seconds")]
     cols = [(k, n) for k, n in cols if any(k in r for r in rows.values())]
     head = "".join(f"<th>{n}</th>" for _, n in cols)
     body = "".join(
@@ -102,3 +103,35 @@ def to_png(fig: plt.Figure) -> bytes:
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, object]], colour_by: str = "lmbda",
+                  ax: plt.Axes | None = None) -> plt.Axes:
+    """P(c_f) (x, lower = forgotten) against remembered accuracy (y), one dot per run.
+
+    ``rows`` are explorer table rows; the original model (``lmbda`` None) is a black star.
+    Dots are coloured by ``colour_by`` (``lmbda``, ``gamma`` or ``mapping``) and labelled.
+    """
+    if colour_by not in ("lmbda", "gamma", "mapping"):
+        raise ValueError(f"colour_by must be 'lmbda', 'gamma' or 'mapping', got {colour_by!r}")
+    ax = ax or plt.subplots(figsize=(5, 3.6))[1]
+    runs = [r for r in rows if r.get("lmbda") is not None]
+    values = sorted({str(r[colour_by]) for r in runs}, key=lambda v: (len(v), v))
+    cmap = plt.get_cmap("viridis", max(len(values), 1))
+    for i, v in enumerate(values):
+        pts = [r for r in runs if str(r[colour_by]) == v]
+        ax.scatter([r["P_cf"] for r in pts], [r["acc_remembered"] for r in pts],
+                   color=cmap(i), label=f"{colour_by} = {v}", s=40)
+        for r in pts:
+            ax.annotate(f"#{r['run']}", (r["P_cf"], r["acc_remembered"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    for r in rows:
+        if r.get("lmbda") is None:
+            ax.scatter([r["P_cf"]], [r["acc_remembered"]], marker="*", s=150, color="k",
+                       label="original")
+    ax.set_xlabel("P(c_f) on samples of c_f  (lower = forgotten)")
+    ax.set_ylabel("accuracy on remembered classes")
+    ax.set_xlim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("forgetting vs remembering, one dot per run", fontsize=9)
+    return ax

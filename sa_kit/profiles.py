@@ -1,57 +1,70 @@
-"""Run profiles: how big every run is, in one place (DESIGN.md, "Run profiles").
+"""Run profiles: how big every run is, in one place.
 
 One switch, the environment variable ``SA_KIT_PROFILE`` = ``ci`` | ``cpu`` | ``gpu``, picks
 model sizes, steps and sample counts for every chapter. The default is ``gpu`` when CUDA is
 present, else ``cpu`` (the classroom default). CI sets ``ci``.
 
+The ``gpu`` profiles are the paper's published setups (``tests/test_profiles.py`` checks every
+row of the README's "paper setting -> kit setting" table against them). ``cpu`` and ``ci`` keep
+the method and the loss scales (so lambda means what it means in the paper) and shrink models,
+steps and sample counts to fit a laptop; where they change an optimisation setting (a larger
+learning rate, fewer steps), the field's comment says so.
+
+Every chapter spells the same idea the same way: ``train_*`` for training the original model,
+``forget_steps`` / ``forget_batch`` / ``forget_lr`` for the forgetting run, ``lmbda`` / ``gamma``
+for eq. 3 / eq. 2, ``eval_samples`` for the metrics, ``widget_steps`` for the explorer.
+
 Example:
     >>> from sa_kit.profiles import get_profile
-    >>> p = get_profile("ci")
-    >>> p.mnist.forget_steps > 0
-    True
+    >>> get_profile("gpu").mnist.lmbda
+    100.0
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
+from sa_kit.sd.config import SDForgetConfig
 
 PROFILES = ("ci", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
 class MNISTSizes:
-    """Chapter 1: the MNIST conditional VAE (sizes of every stage)."""
+    """Chapter 1: the MNIST conditional VAE. Defaults: the ``cpu`` profile."""
 
-    vae_steps: int = 5000
-    classifier_steps: int = 600
-    fisher_samples: int = 10_000
-    forget_steps: int = 2000
-    batch_size: int = 128
-    lr: float = 3e-3
-    lmbda: float = 100.0
-    gamma: float = 1.0
-    ablation_steps: int = 400  # the mapping and ablation runs of chapter 1 (5 runs)
-    eval_samples: int = 500  # generated samples per class for the metrics
+    train_steps: int = 5000          # cVAE training
+    classifier_steps: int = 600      # the paper's evaluator, trained plainly
+    fisher_samples: int = 10_000     # published: 50,000
+    forget_steps: int = 2000         # published: 10,000
+    forget_batch: int = 128          # published: 256
+    forget_lr: float = 3e-3          # published: 1e-4 (30x larger: 5x fewer steps on a CPU)
+    lmbda: float = 100.0             # published
+    gamma: float = 1.0               # published
+    ablation_steps: int = 400        # the mapping and ablation runs of chapter 1
+    eval_samples: int = 500          # generated samples per class for the metrics
     widget_steps: int = 150
 
 
-# Chapter 1 sizes per profile.
 MNIST = {
-    "ci": MNISTSizes(vae_steps=2500, classifier_steps=200, fisher_samples=2000,
-                     forget_steps=400, ablation_steps=150, eval_samples=200,
-                     widget_steps=100),
+    "ci": MNISTSizes(train_steps=2500, classifier_steps=300, fisher_samples=2000,
+                     forget_steps=400, ablation_steps=150, eval_samples=200, widget_steps=100),
     "cpu": MNISTSizes(),
-    "gpu": MNISTSizes(vae_steps=20_000, classifier_steps=3000, fisher_samples=50_000,
-                      forget_steps=10_000, ablation_steps=5000, lr=1e-3, eval_samples=2000,
-                      widget_steps=2000),
+    "gpu": MNISTSizes(train_steps=20_000, classifier_steps=5000, fisher_samples=50_000,
+                      forget_steps=10_000, forget_batch=256, forget_lr=1e-4,
+                      ablation_steps=5000, eval_samples=2000, widget_steps=2000),
 }
 
 
 @dataclass(frozen=True)
 class DDPMSizes:
-    """Chapter 2: the class-conditional DDPM. Defaults: the published CIFAR-10 setup."""
+    """Chapter 2: the class-conditional DDPM. Defaults: the published CIFAR-10 setup.
+
+    ``guidance_scale`` is the kit's w (``eps(null) + w (eps(c) - eps(null))``); the paper's
+    ``cond_scale`` 2 is w = 3. ``eta = 1`` over ``inference_steps = 1000`` is the official
+    ancestral sampler; ``fisher_timesteps = None`` sums all T = 1000 timesteps (official).
+    """
 
     dataset: str = "auto"  # "auto": CIFAR-10 if torchvision can get it, else "digits"
     image_size: int = 32  # side of the offline digits (CIFAR-10 is always 32)
@@ -59,80 +72,81 @@ class DDPMSizes:
     layers_per_block: int = 2
     attention_resolutions: tuple[int, ...] = (16,)
     norm_num_groups: int = 32
-    train_steps: int = 100_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    guidance_scale: float = 2.0
-    inference_steps: int = 50
-    classifier_steps: int = 5000
+    dropout: float = 0.1
+    train_steps: int = 800_000  # Ho et al. 2020 (the SA repository does not publish its own)
+    train_batch: int = 128
+    train_lr: float = 2e-4
+    label_dropout: float = 0.1
+    ema_decay: float | None = 0.9999
+    clip_sample: bool = False  # the official sampler does not clip x0
+    guidance_scale: float = 3.0  # = 1 + official cond_scale 2
+    inference_steps: int = 1000
+    eta: float = 1.0
+    classifier_steps: int = 20_000
     fisher_samples: int = 5000  # published: 500 per class
-    fisher_timesteps: int = 50  # stratified timesteps per sample (of T = 1000)
+    fisher_timesteps: int | None = None  # None: all T (published)
     forget_steps: int = 20_000
     forget_batch: int = 128
     forget_lr: float = 1e-4
+    grad_clip: float = 1.0
     lmbda: float = 10.0
     gamma: float = 1.0
-    replay_buffer: int = 5000
-    eval_samples: int = 500  # generated samples per class for the metrics
+    replay_buffer: int = 5000  # published: the same 500 samples per class as the Fisher
+    eval_samples: int = 500  # published classifier evaluation: 500 samples of c_f
     widget_steps: int = 500
 
 
-# Chapter 2 sizes per profile: ci/cpu learn the offline digits (16x16 RGB) on a CPU.
+# Chapter 2 on a CPU: the offline digits (16x16 RGB), a small UNet, DDIM with 10 steps and x0
+# clipped, the Fisher from K = 50 stratified timesteps (unbiased, see sa_kit.diffusion_fisher),
+# no EMA. lambda: the published 10 holds this 0.2M-parameter UNet so tightly that it does not
+# forget (measured: P(c_f) 0.80 -> 0.79 after 500 steps); its Fisher per weight is far larger
+# than the paper's 36M-parameter model's. 0.1 forgets and keeps the other digits' diversity.
 _TINY_DDPM = dict(dataset="digits", image_size=16, block_out_channels=(32, 32, 64),
-                  layers_per_block=1, attention_resolutions=(), norm_num_groups=8, lr=2e-3,
-                  guidance_scale=3.0, inference_steps=10)
+                  layers_per_block=1, attention_resolutions=(), norm_num_groups=8, dropout=0.0,
+                  train_lr=2e-3, ema_decay=None, clip_sample=True, inference_steps=10, eta=0.0,
+                  fisher_timesteps=50, forget_lr=3e-4, lmbda=0.1)
 DDPM = {
-    # ci: the cpu UNet with half the batch and fewer steps -- samples still recognisable
-    # (measured: classifier accuracy 0.83 on them), a shorter forgetting run (150 steps: remembered
-    # accuracy 0.7-0.9x; the first steps disrupt every class and replay brings them back)
-    "ci": DDPMSizes(**_TINY_DDPM, batch_size=32, train_steps=600, classifier_steps=150, fisher_samples=10,
-                    fisher_timesteps=10, forget_steps=150, forget_batch=16, lmbda=10.0,
-                    replay_buffer=64, eval_samples=20, widget_steps=3, forget_lr=1e-3),
-    # cpu: measured on 2 cores -- accuracy on samples 0.94 before forgetting; 250 forgetting
-    # steps left remembered accuracy at 0.86-1.05x depending on the run, hence 500
-    "cpu": DDPMSizes(**_TINY_DDPM, batch_size=64, train_steps=800, classifier_steps=300, fisher_samples=50,
-                     fisher_timesteps=25, forget_steps=500, forget_batch=32, lmbda=10.0,
-                     replay_buffer=256, eval_samples=50, widget_steps=40, forget_lr=1e-3),
+    "ci": DDPMSizes(**_TINY_DDPM, train_batch=32, train_steps=600, classifier_steps=300,
+                    fisher_samples=20, forget_steps=150, forget_batch=16,
+                    replay_buffer=500, eval_samples=20, widget_steps=10),
+    "cpu": DDPMSizes(**_TINY_DDPM, train_batch=64, train_steps=1500, classifier_steps=600,
+                     fisher_samples=100, forget_steps=500, forget_batch=32,
+                     replay_buffer=1000, eval_samples=50, widget_steps=40),
     "gpu": DDPMSizes(),
 }
 
 
 @dataclass(frozen=True)
 class SDSizes:
-    """Chapter 3: Stable Diffusion. ``model="tiny"`` is the offline random pipeline (noise).
+    """Chapter 3: the forgetting run (``run``, the CLI's settings) and the notebook's extras."""
 
-    The gpu sizes fit a notebook walkthrough on one GPU; a full forgetting run (paper: 1000
-    surrogate images, ~5000 Fisher prompts, full UNet) is a job for ``python -m
-    sa_kit.sd.forget``.
-    """
-
-    model: str = "tiny"
-    forget_prompt: str = "brad pitt"
-    train_method: str = "full"  # the paper's celebrity setting
-    steps: int = 60
-    batch_size: int = 4
-    lr: float = 1e-3
-    lmbda: float = 50.0
-    gamma: float = 1.0
-    num_surrogate: int = 16
-    num_replay: int = 32
-    gen_steps: int = 2
-    guidance_scale: float = 7.5
+    run: SDForgetConfig = field(default_factory=SDForgetConfig)
     grid_prompts: int = 4
     widget_steps: int = 20
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
     cpu_threads: int | None = 1  # tiny models only lose time to thread contention
 
 
-# Chapter 3 sizes per profile.
+def _sd_run(**kw: object) -> SDForgetConfig:
+    return dataclasses.replace(SDForgetConfig(), **kw)
+
+
+_TINY_SD = dict(model="tiny", epochs=None, batch_size=4, effective_batch=4, lr=1e-3,
+                scale_lr=False, gen_steps=2, fisher_timesteps=None)
 SD = {
-    "ci": SDSizes(steps=40, num_surrogate=8, num_replay=16, grid_prompts=3, widget_steps=8),
-    "cpu": SDSizes(),
-    "gpu": SDSizes(model="CompVis/stable-diffusion-v1-4", steps=200, batch_size=4, lr=1e-5,
-                   num_surrogate=64, num_replay=256, gen_steps=50, grid_prompts=4,
-                   widget_steps=50, mixed_precision="bf16", gradient_checkpointing=True,
-                   cpu_threads=None),
+    "ci": SDSizes(run=_sd_run(**_TINY_SD, steps=40, num_surrogate=8, num_replay=16),
+                  grid_prompts=3, widget_steps=8),
+    "cpu": SDSizes(run=_sd_run(**_TINY_SD, steps=60, num_surrogate=16, num_replay=32)),
+    # the published run is `python -m sa_kit.sd.forget`; the notebook walks a shorter one
+    "gpu": SDSizes(run=_sd_run(steps=200, num_surrogate=64, num_replay=256,
+                               fisher_timesteps=50, mixed_precision="bf16",
+                               gradient_checkpointing=True),
+                   widget_steps=50, cpu_threads=None),
+}
+PUBLISHED_SD = {
+    "celebrity": SDForgetConfig(),  # brad pitt -> a middle aged man, full UNet, 200 epochs
+    "nudity": _sd_run(forget_prompt="sexual, nudity, naked, erotic",
+                      surrogate_prompt="people wearing clothes", train_method="noxattn",
+                      epochs=500.0),
 }
 
 
@@ -148,7 +162,22 @@ class Profile:
 
 
 def _default_name() -> str:
+    import torch
     return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def profile_name(name: str | None = None) -> str:
+    """The profile to use: ``name``, else ``$SA_KIT_PROFILE``, else gpu/cpu by hardware.
+
+    Raises:
+        ValueError: if the name is not one of ``ci``, ``cpu``, ``gpu``.
+    """
+    source = "profile" if name else "SA_KIT_PROFILE"
+    raw = name or os.environ.get("SA_KIT_PROFILE") or _default_name()
+    value = raw.strip().lower()
+    if value not in PROFILES:
+        raise ValueError(f"{source} must be one of {', '.join(PROFILES)}; got {raw!r}")
+    return value
 
 
 def get_profile(name: str | None = None) -> Profile:
@@ -157,8 +186,7 @@ def get_profile(name: str | None = None) -> Profile:
     Raises:
         ValueError: if the name is not one of ``ci``, ``cpu``, ``gpu``.
     """
-    name = (name or os.environ.get("SA_KIT_PROFILE") or _default_name()).strip().lower()
-    if name not in PROFILES:
-        raise ValueError(f"SA_KIT_PROFILE must be one of {PROFILES}, got {name!r}")
+    import torch
+    name = profile_name(name)
     device = "cuda" if (name == "gpu" and torch.cuda.is_available()) else "cpu"
     return Profile(name=name, device=device, mnist=MNIST[name], ddpm=DDPM[name], sd=SD[name])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sa_kit.fisher import load_fisher, model_fisher, save_fisher
-from sa_kit.forget import NonFiniteLossError, forget_class
+from sa_kit.forget import NonFiniteLossError, forget_one_class
 from sa_kit.io import load_cached, save_tensors
 from sa_kit.mappings import ImageMapping, make_mapping
 from sa_kit.models import ConditionalVAE
@@ -33,7 +33,7 @@ def _forget(**kw):
     args = dict(fisher=_ones(model), mapping="noise", lmbda=1.0, gamma=1.0, steps=2,
                 batch_size=4, progress=False)
     args.update(kw)
-    return forget_class(model, args.pop("c_f", 0), **args)
+    return forget_one_class(model, args.pop("c_f", 0), **args)
 
 
 def _ddpm(channels=(8, 16)):
@@ -70,7 +70,7 @@ def _wrong_device_fisher(tmp: Path):
 
 
 def _sd_config(**kw):
-    from sa_kit.sd.forget import SDForgetConfig
+    from sa_kit.sd.config import SDForgetConfig
     return SDForgetConfig(**{"output_dir": "unused", "model": "tiny", **kw})
 
 
@@ -88,7 +88,7 @@ def _sd_empty_prompts(tmp: Path):
 
 
 def _sd_config_typo(tmp: Path):
-    from sa_kit.sd.forget import load_config
+    from sa_kit.sd.config import load_config
     (tmp / "run.json").write_text('{"output_dir": "x", "lamda": 5}')
     return load_config(tmp / "run.json")
 
@@ -118,7 +118,7 @@ CASES = {
         lambda t: model_fisher(_vae(), range(10), 10, estimator="kfac"), ValueError, "estimator"),
     "unknown run profile": (
         lambda t: __import__("sa_kit.profiles").profiles.get_profile("laptop"), ValueError,
-        "SA_KIT_PROFILE"),
+        "profile must be one of ci, cpu, gpu"),
     "unknown dataset source": (
         lambda t: __import__("sa_kit.data").data.load_mnist(source="kaggle"), ValueError,
         "source"),
@@ -139,8 +139,21 @@ CASES = {
         lambda t: _sd_config(forget_prompt="brad pitt", surrogate_prompt=" Brad Pitt"),
         ValueError, "surrogate_prompt equals"),
     "empty prompt list": (_sd_empty_prompts, ValueError, "prompts must be a non-empty list"),
-    "misspelt config key": (_sd_config_typo, ValueError, "unknown config keys"),
+    "misspelt config key": (_sd_config_typo, ValueError, "unknown config key"),
     "negative lambda in a config": (lambda t: _sd_config(lmbda=-5.0), ValueError, "lmbda"),
+    "a word where a number belongs in a config": (
+        lambda t: _sd_config(lr="fast"), ValueError, "lr must be a number"),
+    "a word where a boolean belongs in a config": (
+        lambda t: _sd_config(gradient_checkpointing="maybe"), ValueError,
+        "gradient_checkpointing must be true/false"),
+    "a fractional step count in a config": (
+        lambda t: _sd_config(steps=2.5), ValueError, "steps must be an integer"),
+    "effective batch not a multiple of the batch": (
+        lambda t: _sd_config(batch_size=3, effective_batch=16), ValueError,
+        "effective_batch"),
+    "a fisher_path that does not exist": (
+        lambda t: _sd_config(fisher_path=str(t / "nope.safetensors")), ValueError,
+        "fisher_path"),
 }
 
 

@@ -19,15 +19,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from sa_kit.fisher import fisher_per_sample  # noqa: E402
+from sa_kit.diffusion_fisher import diffusion_fisher  # noqa: E402
 from sa_kit.io import load_tensors  # noqa: E402
 from sa_kit.objective import ForgettableModel  # noqa: E402
 from sa_kit.sd import prompts as P  # noqa: E402
 from sa_kit.sd.adapter import SDAdapter, is_cross_attention, select_parameters  # noqa: E402
 from sa_kit.sd.dataset import LatentDataset, build_dataset  # noqa: E402
-from sa_kit.sd.fisher import (item_noise, load_unet_fisher, save_unet_fisher,  # noqa: E402
-                              unet_fisher)
-from sa_kit.sd.forget import SDForgetConfig, load_config, main, run  # noqa: E402
+from sa_kit.sd.adapter import NOXATTN_FROZEN  # noqa: E402
+from sa_kit.sd.config import SDForgetConfig, load_config  # noqa: E402
+from sa_kit.sd.fisher import load_unet_fisher, save_unet_fisher, unet_fisher  # noqa: E402
+from sa_kit.sd.forget import main, run  # noqa: E402
 from sa_kit.sd.pipeline import TINY_UNET, is_tiny, load_pipeline, tiny_pipeline_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +70,9 @@ def replay_set(pipe, tmp_path_factory):
 
 def _config(out: Path, model: str, **kw) -> dict:
     cfg = dict(output_dir=str(out), model=model, forget_prompt="brad pitt", train_method="xattn",
-               steps=4, batch_size=2, lr=1e-3, num_surrogate=4, num_replay=6, gen_steps=2,
-               gen_batch_size=4, fisher_batch_size=3, checkpoint_every=2, lmbda=50.0)
+               steps=4, batch_size=2, effective_batch=2, lr=1e-3, scale_lr=False,
+               num_surrogate=4, num_replay=6, gen_steps=2, gen_batch_size=4,
+               fisher_batch_size=3, fisher_timesteps=10, checkpoint_every=2, lmbda=50.0)
     cfg.update(kw)
     return cfg
 
@@ -142,35 +144,39 @@ def test_train_method_selects_parameters(pipe, method):
     every = {k for k, _ in unet.named_parameters()}
     xattn = {k for k in every if is_cross_attention(k)}
     assert xattn and all(".attn2." in k for k in xattn)
-    expected = {"full": every, "xattn": xattn, "noxattn": every - xattn}[method]
+    # official noxattn: not cross-attention, not the time embedding, not the output layers
+    frozen = {k for k in every if k.startswith(NOXATTN_FROZEN)}
+    assert {k.split(".")[0] for k in frozen} == {"time_embedding", "conv_norm_out", "conv_out"}
+    expected = {"full": every, "xattn": xattn, "noxattn": every - xattn - frozen}[method]
     assert names == expected
     assert {k for k, p in unet.named_parameters() if p.requires_grad} == expected
 
 
 # -- Fisher -----------------------------------------------------------------------------------
 
-def test_unet_fisher_matches_per_sample_reference(pipe, replay_set):
+def test_unet_fisher_is_the_diffusion_fisher_and_independent_of_batching(pipe, replay_set):
     model = SDAdapter.from_pipeline(pipe)
     select_parameters(model.unet, "full")
     x, prompts = replay_set.latents, replay_set.prompts
-    fast = unet_fisher(model, x, prompts, seed=3, batch_size=4, progress=False)
-    # the reference: one backward per sample with the same per-item (t, eps)
-    ref = fisher_per_sample(model, x, model.encode_prompts(prompts),
-                            item_noise(model, x, range(len(x)), seed=3))
-    assert set(fast) == set(ref) == {k for k, _ in model.named_parameters()}
-    for k in ref:
-        assert torch.allclose(fast[k], ref[k], rtol=1e-4, atol=1e-10), k
-    assert sum(float(v.sum()) for v in fast.values()) > 0
-    chunked = unet_fisher(model, x, prompts, seed=3, batch_size=1, estimator="per_sample",
+    batched = unet_fisher(model, x, prompts, seed=3, num_timesteps=20, batch_size=4,
                           progress=False)
-    assert all(torch.allclose(fast[k], chunked[k], rtol=1e-4, atol=1e-10) for k in ref)
+    single = unet_fisher(model, x, prompts, seed=3, num_timesteps=20, batch_size=1,
+                         progress=False)
+    # the one diffusion Fisher of the kit, on the encoded prompts, item ids 0..N-1
+    ref = diffusion_fisher(model, x, model.encode_prompts(prompts), 20, seed=3, progress=False)
+    assert set(batched) == set(ref) == {k for k, _ in model.named_parameters()}
+    for k in ref:
+        assert torch.allclose(batched[k], ref[k], rtol=1e-4, atol=1e-12), k
+        assert torch.allclose(single[k], ref[k], rtol=1e-4, atol=1e-12), k
+    assert sum(float(v.sum()) for v in batched.values()) > 0
 
 
 def test_fisher_file_roundtrip_and_other_unet_refused(pipe, replay_set, tmp_path):
     from diffusers import UNet2DConditionModel
     model = SDAdapter.from_pipeline(pipe)
     select_parameters(model.unet, "xattn")
-    fisher = unet_fisher(model, replay_set.latents, replay_set.prompts, progress=False)
+    fisher = unet_fisher(model, replay_set.latents, replay_set.prompts, num_timesteps=4,
+                         progress=False)
     save_unet_fisher(tmp_path / "f.safetensors", fisher, model)
     loaded = load_unet_fisher(tmp_path / "f.safetensors", model)
     assert all(torch.equal(loaded[k], fisher[k]) for k in fisher)
@@ -243,7 +249,7 @@ def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
     yaml = pytest.importorskip("yaml")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(_config(part, tiny_dir, steps=2)))
     run(load_config(tmp_path / "b.yaml"))
-    assert (part / "checkpoints" / "step-2" / "state.json").exists()
+    assert (part / "checkpoints" / "checkpoint.safetensors").exists()
     main(["--config", str(tmp_path / "b.yaml"), "steps=4"])
     resumed = load_pipeline(str(part / "pipeline"))
     for (k, p), (_, q) in zip(out.unet.named_parameters(), resumed.unet.named_parameters()):
@@ -295,7 +301,7 @@ def test_bad_input_gives_clear_errors(pipe, tmp_path):
         model.encode_prompts([])
     with pytest.raises(ValueError, match="prompts must be a non-empty"):
         unet_fisher(model, torch.zeros(0, 4, 4, 4), [])
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="unknown config key"):
         load_config(_write(tmp_path / "bad.json", {**_config(tmp_path, "tiny"), "lamda": 3}))
     with pytest.raises(ValueError, match="no default surrogate"):
         SDForgetConfig(output_dir=str(tmp_path), forget_prompt="a purple cow")
@@ -306,9 +312,13 @@ def test_bad_input_gives_clear_errors(pipe, tmp_path):
 # -- explorer and evaluation ------------------------------------------------------------------
 
 def test_explorer_callback_runs_a_short_job(tiny_dir, tmp_path):
-    from sa_kit.profiles import SDSizes
+    import dataclasses
+
+    from sa_kit.profiles import SD, SDSizes
     from sa_kit.sd.explorer import explore, format_summary, make_explorer
-    sizes = SDSizes(model=tiny_dir, num_surrogate=4, num_replay=4, widget_steps=3, batch_size=2)
+    sizes = SDSizes(run=dataclasses.replace(SD["ci"].run, model=tiny_dir, num_surrogate=4,
+                                            num_replay=4, batch_size=2, effective_batch=2,
+                                            fisher_timesteps=4), widget_steps=3)
     s = explore(5.0, "xattn", "a middle aged woman", sizes, work_dir=tmp_path)
     n_xattn = sum(is_cross_attention(k) for k, _ in load_pipeline(tiny_dir).unet.named_parameters())
     assert s["frozen_changed"] == 0 and s["changed"] == n_xattn
@@ -320,7 +330,7 @@ def test_explorer_callback_runs_a_short_job(tiny_dir, tmp_path):
     calls = []
     box = make_explorer(sizes, callback=lambda *a: calls.append(a) or s)
     box.children[4].click()  # the Run button drives the callback with the widget values
-    assert calls == [(sizes.lmbda, sizes.train_method, "a middle aged man", sizes)]
+    assert calls == [(sizes.run.lmbda, sizes.run.train_method, "a middle aged man", sizes)]
 
 
 def test_evaluation_set_loss_and_grids(pipe, replay_set):

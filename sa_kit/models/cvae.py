@@ -5,7 +5,9 @@ enters both as a one-hot vector; the decoder is Bernoulli. Its negative ELBO,
 
     -ELBO(x, c) = E_{q(z|x,c)}[-log p(x | z, c)] + KL(q(z | x, c) || N(0, I)),
 
-is the ``-log p(x | theta, c)`` of the SA objective.
+is the ``-log p(x | theta, c)`` of the SA objective: per sample, the binary cross-entropy summed
+over the 784 pixels plus the KL term, and summed over the batch (``loss_reduction = "sum"``),
+exactly the official ``vae/model.py: loss_function``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch import Tensor, nn
 
 class ConditionalVAE(nn.Module):
     """One-hot conditional VAE with a Bernoulli decoder; implements ``ForgettableModel``."""
+
+    loss_reduction = "sum"        # official: BCE and KL summed over the whole batch
 
     def __init__(self, x_dim: int = 784, h_dims: tuple[int, int] = (512, 256), z_dim: int = 8,
                  num_classes: int = 10) -> None:
@@ -70,18 +74,14 @@ class ConditionalVAE(nn.Module):
 
 def train_cvae(model: ConditionalVAE, x: Tensor, y: Tensor, steps: int, batch_size: int = 128,
                lr: float = 1e-3, progress: bool = True) -> list[float]:
-    """Fit the cVAE by maximising the ELBO (Adam); returns the loss per step."""
-    from tqdm.auto import tqdm
+    """Fit the cVAE by maximising the ELBO (Adam); returns the loss per step (nats per sample)."""
+    from sa_kit.train import train_loop
 
     device = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    model.train()
-    for _ in tqdm(range(steps), desc="training cVAE", disable=not progress):
+
+    def batch_loss(step: int) -> Tensor:
         idx = torch.randint(len(y), (batch_size,))
-        loss = model.neg_elbo(x[idx].to(device), y[idx].to(device)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+        return model.neg_elbo(x[idx].to(device), y[idx].to(device)).mean()
+
+    return train_loop(model, batch_loss, steps=steps, lr=lr, desc="training cVAE",
+                      run_key={"n": len(y), "batch_size": batch_size}, progress=progress)

@@ -2,11 +2,14 @@
 
 x are VAE latents, c are CLIP text-encoder hidden states (or prompts, encoded on the fly), and
 ``-log p(x | theta, c)`` is replaced by the latent-diffusion loss of Rombach et al. -- the
-epsilon-prediction MSE at a sampled timestep, per sample:
+epsilon-prediction MSE at a sampled timestep, per sample, as the official code computes it
+(``sd/ldm/models/diffusion/ddpm_forget.py: p_losses``):
 
     neg_elbo(x, c) = mean_{latent dims} || eps - eps_theta(x_t, t, c) ||^2,
-    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
+    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps   (the scheduler's ``add_noise``),
     t ~ U{0, ..., T-1},  eps ~ N(0, I)        -- ``draw_noise(x) = (t, eps)``
+
+averaged over the batch (``loss_reduction = "mean"``), so the published lambda = 50 carries over.
 
 Only the UNet is trained (theta); the VAE and text encoder are frozen and are not registered as
 sub-modules, so ``named_parameters()`` are the UNet's (prefixed ``unet.``) and the kit's
@@ -18,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from sa_kit.checks import check_choice
 
 TRAIN_METHODS = ("full", "xattn", "noxattn")
 
@@ -34,13 +39,17 @@ class _Frozen:
 class SDAdapter(nn.Module):
     """The Stable Diffusion UNet with the ``ForgettableModel`` interface.
 
+    ``loss_reduction = "mean"``: the official code averages the loss over the batch.
+
     Args:
         unet: the ``UNet2DConditionModel`` being made to forget.
         text_encoder, tokenizer: CLIP, frozen; turn prompts into c.
         vae: frozen; only needed to decode samples into images.
-        scheduler: a diffusers noise scheduler (its ``alphas_cumprod`` define eq. above).
+        scheduler: a diffusers noise scheduler (its ``add_noise`` defines x_t above).
         sample_steps, guidance_scale: DDIM steps and classifier-free guidance of ``sample``.
     """
+
+    loss_reduction = "mean"
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any,
                  scheduler: Any, vae: nn.Module | None = None, sample_steps: int = 50,
@@ -50,9 +59,7 @@ class SDAdapter(nn.Module):
         self.frozen = _Frozen(text_encoder.requires_grad_(False).eval(), tokenizer,
                               vae.requires_grad_(False).eval() if vae is not None else None,
                               scheduler)
-        self.register_buffer("alphas_cumprod",
-                             scheduler.alphas_cumprod.detach().clone().float(), persistent=False)
-        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.sample_steps, self.guidance_scale = sample_steps, guidance_scale
         self.config = {"unet": architecture(unet)}
@@ -80,17 +87,16 @@ class SDAdapter(nn.Module):
 
     def draw_noise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(t, eps)``: a timestep and the Gaussian noise of each sample (batch first)."""
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)
+        t = torch.randint(0, self.num_train_timesteps, (x.shape[0],), device=x.device)
         return t, torch.randn_like(x)
 
     def neg_elbo(self, x: Tensor, c: Any, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Per-sample latent-diffusion loss, shape ``(B,)`` (the ``l_simple`` of LDM)."""
         t, eps = noise if noise is not None else self.draw_noise(x)
-        abar = self.alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps            # q(x_t | x_0)
+        sched = self.frozen.scheduler
+        x_t = sched.add_noise(x, eps, t)                           # q(x_t | x_0)
         pred = self.unet(x_t, t, encoder_hidden_states=self._condition(c)).sample
-        target = eps if self.prediction_type == "epsilon" else \
-            abar.sqrt() * eps - (1 - abar).sqrt() * x              # v-prediction
+        target = eps if self.prediction_type == "epsilon" else sched.get_velocity(x, eps, t)
         return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
     def forward(self, x: Tensor, c: Any, noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -124,22 +130,37 @@ def is_cross_attention(name: str) -> bool:
     return ".attn2." in f".{name}"
 
 
+# What the official ``noxattn`` leaves frozen besides cross-attention (``ddpm_forget.py:
+# configure_optimizers``, itself from ESD's train-esd.py): the time embedding (``time_embed``)
+# and the output layers (``out.``). Their diffusers names:
+NOXATTN_FROZEN = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
+
+def trains_with(name: str, train_method: str) -> bool:
+    """Whether the UNet parameter ``name`` trains under ``train_method`` (official selection)."""
+    if train_method == "full":
+        return True
+    if train_method == "xattn":
+        return is_cross_attention(name)
+    return not (is_cross_attention(name) or name.startswith(NOXATTN_FROZEN))
+
+
 def select_parameters(unet: nn.Module, train_method: str) -> list[str]:
     """Set ``requires_grad`` by ``train_method`` and return the trainable parameter names.
 
     Args:
         train_method: ``"full"`` (every UNet weight; the paper's celebrity runs),
-            ``"xattn"`` (cross-attention only) or ``"noxattn"`` (all but cross-attention;
-            the paper's nudity run).
+            ``"xattn"`` (cross-attention only) or ``"noxattn"`` (all but cross-attention, the
+            time embedding and the output layers -- exactly what the official code and ESD
+            train; the paper's nudity run).
 
     Raises:
         ValueError: for any other ``train_method``.
     """
-    if train_method not in TRAIN_METHODS:
-        raise ValueError(f"train_method must be one of {TRAIN_METHODS}, got {train_method!r}")
+    check_choice("train_method", train_method, TRAIN_METHODS)
     names = []
     for name, p in unet.named_parameters():
-        keep = train_method == "full" or (is_cross_attention(name) == (train_method == "xattn"))
+        keep = trains_with(name, train_method)
         p.requires_grad_(keep)
         if keep:
             names.append(name)

@@ -211,26 +211,46 @@ class LatentDataset:
         return self.latents[idx], [self.prompts[i] for i in idx]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sa_kit.sd.dataset``: build a replay dataset from the kit's prompt set."""
-    from sa_kit.sd.pipeline import load_pipeline
-    from sa_kit.sd.prompts import replay_prompts
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model", default="tiny", help="'tiny', a pipeline folder or a model id")
-    ap.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
-    ap.add_argument("--num-prompts", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sleep", type=float, default=0.0, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(a.model, device=device)
-    build_dataset(pipe, replay_prompts(a.num_prompts, a.seed), a.out, seed=a.seed,
-                  batch_size=a.batch_size, num_inference_steps=a.steps,
-                  guidance_scale=a.guidance, sleep=a.sleep)
+    from sa_kit.cli import ArgParser, UsageError, check_environment, run_command
+
+    def body() -> None:
+        ap = ArgParser(prog="sa-kit sd-dataset", description=main.__doc__)
+        ap.add_argument("--model", default="tiny", help="'tiny', a pipeline folder or a model id")
+        ap.add_argument("--out", required=True, help="dataset folder (resumed if it exists)")
+        ap.add_argument("--num-prompts", type=int, default=100)
+        ap.add_argument("--batch-size", type=int, default=4)
+        ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
+        ap.add_argument("--guidance", type=float, default=7.5)
+        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+        a = ap.parse_args(argv)
+        for name in ("num_prompts", "batch_size", "steps"):
+            if getattr(a, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got "
+                                 f"{getattr(a, name)}")
+        if not 0 <= a.guidance < 1e6:
+            raise UsageError(f"--guidance must be a number >= 0, got {a.guidance}")
+        out = Path(a.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {a.out} exists and is not a folder")
+        check_environment()
+        from sa_kit.io import check_cache_dir
+        try:
+            check_cache_dir(out)
+        except OSError as e:
+            raise UsageError(str(e).replace("set SA_KIT_CACHE to", "choose --out in")) from None
+        from sa_kit.sd.pipeline import check_model_source, load_pipeline
+        from sa_kit.sd.prompts import replay_prompts
+        check_model_source(a.model)
+        prompts = replay_prompts(a.num_prompts, a.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(a.model, device=device)
+        build_dataset(pipe, prompts, a.out, seed=a.seed, batch_size=a.batch_size,
+                      num_inference_steps=a.steps, guidance_scale=a.guidance, sleep=a.sleep)
+    return run_command(body)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -153,26 +153,70 @@ def clip_concept_score(images: Sequence[Any], concept: str, alternative: str,
     return probs[:, 0].tolist()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sa_kit.sd.evaluate``: before/after grid and numbers for a finished run."""
-    import argparse
+def parse_args(argv: Sequence[str] | None) -> Any:
+    """Arguments of ``sa-kit evaluate-sd``, checked before any model is loaded."""
     import json
 
-    from sa_kit.sd.pipeline import load_pipeline
-    from sa_kit.sd.prompts import mapping_pairs, replay_prompts
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    from sa_kit.cli import ArgParser, UsageError
+    ap = ArgParser(prog="sa-kit evaluate-sd", description=main.__doc__)
     ap.add_argument("--run", required=True, help="output_dir of python -m sa_kit.sd.forget")
-    ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--num-prompts", type=int, default=4, help="prompts per group (1..64)")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's)")
     ap.add_argument("--nudenet", action="store_true", help="also count NudeNet exposed parts")
     ap.add_argument("--clip", action="store_true", help="also a zero-shot CLIP concept score")
     a = ap.parse_args(argv)
-    cfg = json.loads((Path(a.run) / "config.json").read_text())
+    run = Path(a.run)
+    if not run.is_dir():
+        raise UsageError(f"--run {a.run} is not a folder (give the output_dir of a finished "
+                         "sa-kit forget-sd run)")
+    for need in ("config.json", "pipeline/model_index.json"):
+        if not (run / need).is_file():
+            raise UsageError(f"--run {a.run} has no {need}: it is not a finished forgetting run "
+                             "(run sa-kit forget-sd to the end first)")
+    if not 1 <= a.num_prompts <= 64:
+        raise UsageError(f"--num-prompts must be in 1..64, got {a.num_prompts}")
+    if a.steps is not None and a.steps < 1:
+        raise UsageError(f"--steps must be a positive integer, got {a.steps}")
+    if a.nudenet:
+        import importlib.util
+        if importlib.util.find_spec("nudenet") is None:
+            raise UsageError("--nudenet needs the nudenet package (pip install nudenet; check "
+                             "its licence first)")
+    try:
+        a.config = json.loads((run / "config.json").read_text())
+        for key in ("model", "forget_prompt", "surrogate_prompt", "seed", "gen_steps",
+                    "guidance_scale"):
+            a.config[key]
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--run {a.run}: config.json is not a forgetting run's config "
+                         f"({type(e).__name__}: {e})") from None
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sa_kit.sd.evaluate``: before/after grid and numbers for a finished run."""
+    from sa_kit.cli import check_environment, run_command
+
+    def body() -> None:
+        a = parse_args(argv)
+        check_environment()
+        evaluate_run(a)
+    return run_command(body)
+
+
+def evaluate_run(a: Any) -> dict[str, Any]:
+    """Draw the before/after grid of a finished run and write ``evaluation.json``."""
+    import json
+
+    from sa_kit.sd.pipeline import load_pipeline
+    from sa_kit.sd.prompts import mapping_pairs, replay_prompts
+    cfg = a.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     before = load_pipeline(cfg["model"], device=device)
     after = load_pipeline(str(Path(a.run) / "pipeline"), device=device)
-    forget = [f for f, _ in mapping_pairs(cfg["forget_prompt"], cfg["surrogate_prompt"],
-                                          a.num_prompts, seed=cfg["seed"] + 1)]
+    surrogate = cfg["surrogate_prompt"] or "a surrogate"
+    forget = [f for f, _ in mapping_pairs(cfg["forget_prompt"], surrogate, a.num_prompts,
+                                          seed=cfg["seed"] + 1, templates=True)]
     control = replay_prompts(a.num_prompts, seed=cfg["seed"] + 1)
     result = before_after(before, after, forget, control, steps=a.steps or cfg["gen_steps"],
                           guidance_scale=cfg["guidance_scale"])
@@ -183,12 +227,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.clip:
         report["clip_score (zero-shot, not the paper's metric)"] = {
             s: clip_concept_score(result["forget"][f"{s}_images"], cfg["forget_prompt"],
-                                  cfg["surrogate_prompt"]) for s in ("before", "after")}
-    grid_figure(result, f"{cfg['forget_prompt']} -> {cfg['surrogate_prompt']}").savefig(
+                                  surrogate) for s in ("before", "after")}
+    grid_figure(result, f"{cfg['forget_prompt']} -> {surrogate}").savefig(
         Path(a.run) / "before_after.png", dpi=120)
-    (Path(a.run) / "evaluation.json").write_text(json.dumps(report, indent=1))
+    from sa_kit.io import save_json
+    save_json(Path(a.run) / "evaluation.json", report)
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

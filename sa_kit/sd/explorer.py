@@ -13,8 +13,9 @@ import torch
 
 from sa_kit.io import cache_dir, config_hash
 from sa_kit.profiles import SDSizes
-from sa_kit.sd.adapter import TRAIN_METHODS
-from sa_kit.sd.forget import SDForgetConfig, run
+from sa_kit.sd.config import TRAIN_METHODS
+from sa_kit.sd.forget import run
+from sa_kit.widgets import LAMBDAS
 
 
 def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSizes,
@@ -36,20 +37,17 @@ def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSiz
         "frozen_changed", "pipeline_dir"}``: ``changed`` counts UNet tensors that moved,
         ``frozen_changed`` those that moved although ``train_method`` froze them (should be 0).
     """
-    cfg = SDForgetConfig(
-        output_dir="", model=sizes.model, forget_prompt=sizes.forget_prompt,
-        surrogate_prompt=surrogate_prompt, train_method=train_method, lmbda=lmbda,
-        gamma=sizes.gamma, steps=steps or sizes.widget_steps, batch_size=sizes.batch_size,
-        lr=sizes.lr, num_surrogate=sizes.num_surrogate, num_replay=sizes.num_replay,
-        gen_steps=sizes.gen_steps, guidance_scale=sizes.guidance_scale,
-        mixed_precision=sizes.mixed_precision, checkpoint_every=10_000)
+    cfg = dataclasses.replace(sizes.run, output_dir="", surrogate_prompt=surrogate_prompt,
+                              train_method=train_method, lmbda=lmbda,
+                              steps=steps or sizes.widget_steps, checkpoint_every=10_000)
     root = Path(work_dir) if work_dir is not None else cache_dir() / "sd_explorer"
     cfg.output_dir = str(root / config_hash(dataclasses.asdict(cfg)))
     cfg.data_dir = str(data_dir or root / "data")  # reused across lambda / train_method
     out = run(cfg, progress=progress)
     before = dict(out["pipe"].unet.named_parameters())  # run() trained this UNet in place
     from sa_kit.sd.pipeline import load_pipeline
-    original = dict(load_pipeline(sizes.model, device=out["pipe"].device).unet.named_parameters())
+    original = dict(load_pipeline(sizes.run.model,
+                                  device=out["pipe"].device).unet.named_parameters())
     moved = {k for k, p in before.items() if not torch.equal(p.detach(), original[k])}
     trainable = {k.removeprefix("unet.") for k, p in out["adapter"].named_parameters()
                  if p.requires_grad}
@@ -77,8 +75,9 @@ def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = expl
     The button calls ``callback(lmbda, train_method, surrogate_prompt, sizes, **kwargs)``.
     """
     import ipywidgets as W
-    lmbda = W.FloatLogSlider(value=sizes.lmbda, base=10, min=-1, max=3, description="lambda")
-    method = W.Dropdown(options=TRAIN_METHODS, value=sizes.train_method,
+    options = sorted(set(LAMBDAS) | {float(sizes.run.lmbda)})
+    lmbda = W.SelectionSlider(options=options, value=float(sizes.run.lmbda), description="lambda")
+    method = W.Dropdown(options=TRAIN_METHODS, value=sizes.run.train_method,
                         description="train_method")
     surrogate = W.Text(value="a middle aged man", description="surrogate")
     button, out = W.Button(description="Run short job"), W.Output()
@@ -90,5 +89,5 @@ def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = expl
                                           **kwargs)))
 
     button.on_click(on_click)
-    return W.VBox([W.HTML(f"forget prompt: <b>{sizes.forget_prompt}</b>"), lmbda, method,
+    return W.VBox([W.HTML(f"forget prompt: <b>{sizes.run.forget_prompt}</b>"), lmbda, method,
                    surrogate, button, out])

@@ -2,27 +2,33 @@
 
     python -m sa_kit.sd.forget --config run.yaml                       # one process
     accelerate launch -m sa_kit.sd.forget --config run.yaml            # one or many GPUs
+    sa-kit forget-sd --config run.yaml                                  # the console script
 
 Stages (all by default; ``--stage data|fisher`` stops early):
 
 1. **data** -- the frozen original pipeline draws the surrogate set (images of the surrogate
-   prompts, trained under the forget prompts: eq. 1) and the replay set (the kit's replay
+   prompt, trained under the forget prompt: eq. 1) and the replay set (the kit's replay
    prompts: eq. 2), cached and resumable (:mod:`sa_kit.sd.dataset`).
-2. **fisher** -- the UNet's diagonal Fisher on the replay set (eq. 3), sharded over processes,
-   cached as safetensors; or ``fisher_path`` to load a precomputed one.
-3. **train** -- Adam on :func:`sa_kit.objective.sa_loss` over the parameters chosen by
-   ``train_method`` (``full``, ``xattn``, ``noxattn``), with mixed precision, gradient
-   checkpointing, checkpoints every ``checkpoint_every`` steps and exact resume; the result is
-   saved as a diffusers pipeline folder ``output_dir/pipeline``.
+2. **fisher** -- the UNet's diagonal Fisher on the replay set (eq. 3; the official definition,
+   :mod:`sa_kit.diffusion_fisher`), sharded over processes, cached as safetensors; or
+   ``fisher_path`` to load a precomputed one.
+3. **train** -- AdamW on :func:`sa_kit.objective.sa_loss` over the parameters chosen by
+   ``train_method`` (``full``, ``xattn``, ``noxattn``), an effective batch of
+   ``effective_batch`` items per step (processes x batch x gradient accumulation), mixed
+   precision, gradient checkpointing, checkpoints every ``checkpoint_every`` steps and exact
+   resume; the result is saved as a diffusers pipeline folder ``output_dir/pipeline``.
 
-Every step draws its batches and noise from a generator seeded by ``(seed, step, process)``,
-so a resumed run continues exactly as an uninterrupted one would.
+Every step draws its batches and noise from generators seeded by ``(seed, step, process,
+micro-batch)``, so a resumed run continues exactly as an uninterrupted one would. Checkpoints
+are the kit's own safetensors files (weights that train, optimiser state, history): nothing is
+unpickled on resume, whatever the ``accelerate`` version. Ctrl-C or SIGTERM stop after the step
+in progress, with a checkpoint of it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -31,95 +37,20 @@ from typing import Any, Sequence
 
 import torch
 
-from sa_kit.fisher import ESTIMATORS
-from sa_kit.forget import NonFiniteLossError, check_positive_int
+from sa_kit.forget import NonFiniteLossError
 from sa_kit.io import config_hash, save_json
-from sa_kit.objective import check_weight, sa_loss
-from sa_kit.sd.adapter import TRAIN_METHODS, SDAdapter, select_parameters
+from sa_kit.objective import sa_loss
+from sa_kit.sd.adapter import SDAdapter, select_parameters
+from sa_kit.sd.config import SDForgetConfig, load_config
 from sa_kit.sd.dataset import LatentDataset, build_dataset, encode_image_folder
 from sa_kit.sd.fisher import load_unet_fisher, save_unet_fisher, unet_fisher
-from sa_kit.sd.pipeline import load_pipeline
-from sa_kit.sd.prompts import check_mapping, mapping_pairs, replay_prompts, surrogate_for
+from sa_kit.sd.prompts import mapping_pairs, replay_prompts, split_prompts
+from sa_kit.train import GracefulStop, interrupted, load_checkpoint, save_checkpoint
 
 STAGES = ("data", "fisher", "train")
-PRECISIONS = ("no", "fp16", "bf16")
+CHECKPOINT = "checkpoint.safetensors"
 
-
-@dataclasses.dataclass
-class SDForgetConfig:
-    """Settings of one SD forgetting run (the config file's keys). Paper defaults.
-
-    ``forget_prompt`` -> ``surrogate_prompt`` is the mapping (eq. 1); ``lmbda``/``gamma`` weigh
-    eq. 3/2; ``num_surrogate``/``num_replay`` size the generated sets (paper: 1000 surrogate
-    images, ~5000 Fisher prompts).
-    """
-
-    output_dir: str
-    model: str = "CompVis/stable-diffusion-v1-4"
-    forget_prompt: str = "brad pitt"
-    surrogate_prompt: str | None = None
-    surrogate_image_dir: str | None = None  # your own surrogate images instead of generated
-    train_method: str = "full"
-    lmbda: float = 50.0
-    gamma: float = 1.0
-    steps: int = 1000
-    batch_size: int = 4
-    lr: float = 1e-5
-    grad_clip: float | None = 1.0
-    num_surrogate: int = 1000
-    num_replay: int = 5000
-    fisher_path: str | None = None
-    data_dir: str | None = None  # generated sets + cached Fisher (default: output_dir/data)
-    fisher_batch_size: int = 8
-    fisher_estimator: str = "per_sample"  # measured faster than vmap on conv-heavy UNets (CPU)
-    gen_steps: int = 50
-    gen_batch_size: int = 8
-    guidance_scale: float = 7.5
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.train_method not in TRAIN_METHODS:
-            raise ValueError(f"train_method must be one of {TRAIN_METHODS}, "
-                             f"got {self.train_method!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {PRECISIONS}, "
-                             f"got {self.mixed_precision!r}")
-        if self.fisher_estimator not in ESTIMATORS:
-            raise ValueError(f"fisher_estimator must be one of {sorted(ESTIMATORS)}, "
-                             f"got {self.fisher_estimator!r}")
-        self.surrogate_prompt = self.surrogate_prompt or surrogate_for(self.forget_prompt)
-        check_mapping(self.forget_prompt, self.surrogate_prompt)
-        self.lmbda, self.gamma = check_weight("lmbda", self.lmbda), check_weight("gamma",
-                                                                                self.gamma)
-        for name in ("steps", "batch_size", "num_surrogate", "num_replay", "gen_steps",
-                     "gen_batch_size", "fisher_batch_size", "checkpoint_every",
-                     "keep_checkpoints"):
-            check_positive_int(name, getattr(self, name))
-
-    def run_key(self) -> str:
-        """Hash of what makes a checkpoint resumable (everything but length and bookkeeping)."""
-        skip = {"steps", "checkpoint_every", "keep_checkpoints", "output_dir", "data_dir"}
-        return config_hash({k: v for k, v in dataclasses.asdict(self).items() if k not in skip})
-
-
-def load_config(path: str | os.PathLike, **overrides: Any) -> SDForgetConfig:
-    """Read a JSON or YAML config file into :class:`SDForgetConfig` (unknown keys: ValueError)."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-        raw = yaml.safe_load(text) or {}
-    else:
-        raw = json.loads(text)
-    raw.update(overrides)
-    known = {f.name for f in dataclasses.fields(SDForgetConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
-    return SDForgetConfig(**raw)
+__all__ = ["SDForgetConfig", "load_config", "run", "main", "build_data", "get_fisher", "train"]
 
 
 def make_accelerator(cfg: SDForgetConfig) -> Any:
@@ -148,18 +79,19 @@ def build_data(cfg: SDForgetConfig, pipe: Any, accelerator: Any
     Each set's folder is named by the settings that made it, so runs that differ only in
     lambda, train_method or steps reuse it.
     """
-    surr_dir = data_root(cfg) / "surrogate-{}".format(
-        _made_by(cfg, "surrogate_prompt", "num_surrogate", "surrogate_image_dir"))
+    surr_dir = data_root(cfg) / "surrogate-{}".format(_made_by(
+        cfg, "surrogate_prompt", "num_surrogate", "surrogate_image_dir", "prompt_templates"))
     replay_dir = data_root(cfg) / f"replay-{_made_by(cfg, 'num_replay')}"
-    pairs = mapping_pairs(cfg.forget_prompt, cfg.surrogate_prompt, cfg.num_surrogate, cfg.seed)
-    replay = replay_prompts(cfg.num_replay, cfg.seed, exclude=[cfg.forget_prompt])
+    replay = replay_prompts(cfg.num_replay, cfg.seed, exclude=split_prompts(cfg.forget_prompt))
     gen = dict(seed=cfg.seed, batch_size=cfg.gen_batch_size, guidance_scale=cfg.guidance_scale,
                num_inference_steps=cfg.gen_steps, progress=accelerator.is_main_process)
     if accelerator.is_main_process:
         if cfg.surrogate_image_dir:  # your own surrogate images, under the forget prompts
-            encode_image_folder(pipe, cfg.surrogate_image_dir, surr_dir,
-                                train_prompts=[f for f, _ in pairs])
+            forgets = split_prompts(cfg.forget_prompt)
+            encode_image_folder(pipe, cfg.surrogate_image_dir, surr_dir, train_prompts=forgets)
         else:
+            pairs = mapping_pairs(cfg.forget_prompt, cfg.surrogate_prompt, cfg.num_surrogate,
+                                  cfg.seed, templates=cfg.prompt_templates)
             build_dataset(pipe, [s for _, s in pairs], surr_dir,
                           train_prompts=[f for f, _ in pairs], **gen)
         build_dataset(pipe, replay, replay_dir, **gen)
@@ -172,18 +104,19 @@ def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
     """Stage 2: load ``fisher_path`` or the cached Fisher; else compute (sharded) and save."""
     if cfg.lmbda == 0:
         return None
-    made_by = _made_by(cfg, "num_replay", "train_method", "fisher_estimator")
+    made_by = _made_by(cfg, "num_replay", "train_method", "fisher_timesteps",
+                       "fisher_estimator")
     path = Path(cfg.fisher_path or data_root(cfg) / f"fisher-{made_by}.safetensors")
     if path.exists():
         return load_unet_fisher(path, adapter)
-    if cfg.fisher_path:
-        raise ValueError(f"fisher_path {cfg.fisher_path} does not exist")
     fisher = unet_fisher(adapter, replay.latents, replay.prompts, seed=cfg.seed,
-                         batch_size=cfg.fisher_batch_size, estimator=cfg.fisher_estimator,
-                         accelerator=accelerator, progress=accelerator.is_main_process)
+                         num_timesteps=cfg.fisher_timesteps, estimator=cfg.fisher_estimator,
+                         batch_size=cfg.fisher_batch_size, accelerator=accelerator,
+                         progress=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_unet_fisher(path, fisher, adapter, {"train_method": cfg.train_method,
-                                                 "num_items": len(replay)})
+                                                 "num_items": len(replay),
+                                                 "timesteps": cfg.fisher_timesteps})
     accelerator.wait_for_everyone()
     return fisher
 
@@ -194,6 +127,8 @@ class _Trainee:
     ``neg_elbo`` goes through the wrapper's forward (so gradients are synchronised);
     ``named_parameters`` are the unwrapped adapter's, so ``ewc_penalty`` matches the Fisher.
     """
+
+    loss_reduction = SDAdapter.loss_reduction
 
     def __init__(self, wrapped: torch.nn.Module, adapter: SDAdapter) -> None:
         self.wrapped, self.adapter = wrapped, adapter
@@ -212,36 +147,12 @@ class _Trainee:
         return self.adapter.named_parameters()
 
 
-def _latest_checkpoint(ckpt_root: Path, key: str) -> tuple[Path | None, dict[str, Any]]:
-    """The newest complete checkpoint of this run (``state.json`` is written last)."""
-    done = sorted((p for p in ckpt_root.glob("step-*") if (p / "state.json").exists()),
-                  key=lambda p: int(p.name.split("-")[1]))
-    if not done:
-        return None, {}
-    state = json.loads((done[-1] / "state.json").read_text())
-    if state.get("run_key") != key:
-        raise ValueError(f"checkpoints in {ckpt_root} come from a run with other settings; "
-                         "use another output_dir or delete them")
-    return done[-1], state
-
-
-def _save_checkpoint(accelerator: Any, ckpt_root: Path, step: int, history: dict,
-                     key: str, keep: int) -> None:
-    folder = ckpt_root / f"step-{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        save_json(folder / "state.json", {"step": step, "history": history, "run_key": key})
-        old = sorted((p for p in ckpt_root.glob("step-*")), key=lambda p: int(p.name[5:]))
-        for p in old[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _step_batches(cfg: SDForgetConfig, step: int, rank: int, surrogate: LatentDataset,
-                  replay: LatentDataset, device: torch.device) -> tuple[Any, Any]:
-    """The batches of ``step`` on process ``rank``; seeds the noise too (exact resume)."""
-    g = torch.Generator().manual_seed(int(config_hash({"s": cfg.seed, "t": step, "r": rank}),
-                                          16) % (2 ** 63))
+def _micro_batches(cfg: SDForgetConfig, step: int, micro: int, rank: int,
+                   surrogate: LatentDataset, replay: LatentDataset, device: torch.device
+                   ) -> tuple[Any, Any]:
+    """The batches of one micro-batch; seeds the noise too (exact resume)."""
+    g = torch.Generator().manual_seed(int(config_hash({"s": cfg.seed, "t": step, "r": rank,
+                                                       "m": micro}), 16) % (2 ** 63))
     torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # draw_noise's (t, eps)
     x_f, c_f = surrogate.sample(cfg.batch_size, g)
     batch_r = None
@@ -253,7 +164,7 @@ def _step_batches(cfg: SDForgetConfig, step: int, rank: int, surrogate: LatentDa
 
 def _prepare(cfg: SDForgetConfig, adapter: SDAdapter, fisher: dict[str, torch.Tensor] | None,
              accelerator: Any) -> tuple[Any, Any, list, dict, dict | None]:
-    """Freeze by ``train_method``, keep theta*, build Adam and hand both to accelerate."""
+    """Freeze by ``train_method``, keep theta*, build the optimiser and hand both to accelerate."""
     select_parameters(adapter.unet, cfg.train_method)
     if cfg.gradient_checkpointing:
         adapter.unet.enable_gradient_checkpointing()
@@ -262,25 +173,25 @@ def _prepare(cfg: SDForgetConfig, adapter: SDAdapter, fisher: dict[str, torch.Te
                   if p.requires_grad}                                   # theta* of eq. 3
     if fisher is not None:
         fisher = {k: fisher[k] for k in theta_star}
-    wrapped, opt = accelerator.prepare(adapter, torch.optim.Adam(params, lr=cfg.lr))
+    optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = optim(params, lr=cfg.learning_rate())
+    wrapped, opt = accelerator.prepare(adapter, opt)
     return wrapped, opt, params, theta_star, fisher
 
 
-def _resume(cfg: SDForgetConfig, accelerator: Any) -> tuple[int, dict[str, list[float]]]:
-    """Load the newest checkpoint of this run, if any; returns ``(step, history)``."""
-    last, state = _latest_checkpoint(Path(cfg.output_dir) / "checkpoints", cfg.run_key())
-    history = state.get("history") or {k: [] for k in ("step", "loss", "surrogate", "replay",
-                                                       "ewc", "seconds")}
-    if last is not None:
-        accelerator.load_state(str(last))       # weights, Adam moments, RNG states
-        accelerator.print(f"resumed from {last} (step {state['step']})")
-    return int(state.get("step", 0)), history
+def _checkpoint_path(cfg: SDForgetConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints" / CHECKPOINT
 
 
 def train(cfg: SDForgetConfig, adapter: SDAdapter, surrogate: LatentDataset,
           replay: LatentDataset, fisher: dict[str, torch.Tensor] | None, accelerator: Any,
           progress: bool = True) -> dict[str, list[float]]:
-    """Stage 3: minimise the SA loss (eq. 1-3) with Adam; checkpoints and exact resume.
+    """Stage 3: minimise the SA loss (eq. 1-3); checkpoints, exact resume, clean interrupts.
+
+    One step = one optimiser update over ``effective_batch`` items: each of the
+    ``accumulation`` micro-batches contributes ``1/accumulation`` of its SA loss (the data terms
+    are means over the batch, so this is the mean over the effective batch; the EWC term
+    enters once), as the official 4-GPU run averaged its 4 GPUs' gradients.
 
     Returns:
         The history: ``step``, ``loss``, ``surrogate``, ``replay``, ``ewc``, ``seconds``.
@@ -288,34 +199,56 @@ def train(cfg: SDForgetConfig, adapter: SDAdapter, surrogate: LatentDataset,
     from tqdm.auto import tqdm
     wrapped, opt, params, theta_star, fisher = _prepare(cfg, adapter, fisher, accelerator)
     model = _Trainee(wrapped, adapter)
-    start, history = _resume(cfg, accelerator)
+    accumulation = cfg.accumulation(accelerator.num_processes)
+    steps, key, ckpt = cfg.num_steps(), cfg.run_key(), _checkpoint_path(cfg)
+    history: dict[str, list[float]] = {k: [] for k in ("step", "loss", "surrogate", "replay",
+                                                         "ewc", "seconds")}
+    start = 0
+    if ckpt.exists():
+        _, start, history = load_checkpoint(ckpt, accelerator.unwrap_model(wrapped), opt, key)
+        accelerator.print(f"resumed from {ckpt} (step {start})")
     wrapped.train()
     t0 = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="forgetting",
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="forgetting",
                disable=not (progress and accelerator.is_main_process))
-    for step in bar:
-        surr, rep = _step_batches(cfg, step, accelerator.process_index, surrogate, replay,
-                                  accelerator.device)
-        terms = sa_loss(model, surr, rep, fisher, theta_star, cfg.lmbda, cfg.gamma)
-        if not torch.isfinite(terms["loss"]):
-            raise NonFiniteLossError(f"the SA loss became {terms['loss'].item()} at step "
-                                     f"{step}; try a smaller lr or lmbda")
-        accelerator.backward(terms["loss"])
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for k in ("loss", "surrogate", "replay", "ewc"):
-            history[k].append(float(accelerator.reduce(terms[k].detach().float(), "mean")))
-        history["step"].append(step + 1)
-        history["seconds"].append(time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(accelerator, Path(cfg.output_dir) / "checkpoints", step + 1,
-                             history, cfg.run_key(), cfg.keep_checkpoints)
+    with GracefulStop() as stop:
+        for step in bar:
+            sums = {k: 0.0 for k in ("loss", "surrogate", "replay", "ewc")}
+            for micro in range(accumulation):
+                surr, rep = _micro_batches(cfg, step, micro, accelerator.process_index,
+                                           surrogate, replay, accelerator.device)
+                terms = sa_loss(model, surr, rep, fisher, theta_star, cfg.lmbda, cfg.gamma)
+                if not torch.isfinite(terms["loss"]):
+                    raise NonFiniteLossError(f"the SA loss became {terms['loss'].item()} at "
+                                             f"step {step}; try a smaller lr or lmbda")
+                sync = micro == accumulation - 1
+                ctx = accelerator.no_sync(wrapped) if not sync else contextlib.nullcontext()
+                with ctx:
+                    accelerator.backward(terms["loss"] / accumulation)
+                for k in sums:
+                    sums[k] += float(accelerator.reduce(terms[k].detach().float(), "mean"))
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in sums.items():                  # means over the micro-batches
+                history[k].append(v / accumulation)
+            history["step"].append(step + 1)
+            history["seconds"].append(time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", refresh=False)
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == steps or stop.requested:
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt, accelerator.unwrap_model(wrapped), opt, done, history,
+                                    key, trainable_only=True)
+                accelerator.wait_for_everyone()
+            if stop.requested:
+                bar.close()
+                raise interrupted(stop, "forgetting", done, ckpt)
     bar.close()
     wrapped.eval()
-    accelerator.print(f"trained {len(params)} parameter tensors ({cfg.train_method})")
+    accelerator.print(f"trained {len(params)} parameter tensors ({cfg.train_method}), "
+                      f"{steps} steps of {cfg.effective_batch} items, lr {cfg.learning_rate():g}")
     return history
 
 
@@ -325,7 +258,11 @@ def save_result(cfg: SDForgetConfig, pipe: Any, adapter: SDAdapter, accelerator:
     out = Path(cfg.output_dir) / "pipeline"
     if accelerator.is_main_process:
         pipe.unet = accelerator.unwrap_model(adapter).unet
-        pipe.save_pretrained(str(out), safe_serialization=True)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)                       # a half-written pipeline is never left
         save_json(Path(cfg.output_dir) / "history.json", history)
         save_json(Path(cfg.output_dir) / "config.json", dataclasses.asdict(cfg))
     accelerator.wait_for_everyone()
@@ -339,8 +276,9 @@ def run(cfg: SDForgetConfig, stage: str = "train", progress: bool = True) -> dic
         ``{"pipe", "adapter", "surrogate", "replay", "fisher", "history", "pipeline_dir"}``
         (the later keys only when their stage ran).
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    from sa_kit.checks import check_choice
+    from sa_kit.sd.pipeline import load_pipeline
+    check_choice("stage", stage, STAGES)
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, device=accelerator.device)
@@ -361,23 +299,37 @@ def run(cfg: SDForgetConfig, stage: str = "train", progress: bool = True) -> dic
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sa_kit.sd.forget --config FILE [--stage data|fisher|train] [key=value ...]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: Sequence[str] | None = None) -> tuple[SDForgetConfig, str]:
+    """The command line -> ``(config, stage)``; a bad argument is a one-line ``ValueError``."""
+    ap = argparse.ArgumentParser(prog="sa-kit forget-sd", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="a JSON or YAML file of SDForgetConfig keys")
+    ap.add_argument("--config", help="a JSON or YAML file of SDForgetConfig keys")
     ap.add_argument("--stage", default="train", choices=STAGES, help="stop after this stage")
-    ap.add_argument("overrides", nargs="*", help="key=value settings (JSON values)")
+    ap.add_argument("overrides", nargs="*", help="key=value settings (override the file)")
     a = ap.parse_args(argv)
     overrides = {}
     for item in a.overrides:
-        k, _, v = item.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    run(load_config(a.config, **overrides), a.stage)
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"settings are key=value, got {item!r}")
+        overrides[k.strip()] = v
+    return load_config(a.config, **overrides), a.stage
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sa_kit.sd.forget --config FILE [--stage data|fisher|train] [key=value ...]``."""
+    from sa_kit.cli import run_command
+    return run_command(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    from sa_kit.cli import check_environment
+    cfg, stage = parse_args(argv)
+    check_environment()
+    from sa_kit.sd.pipeline import check_model_source
+    check_model_source(cfg.model)
+    run(cfg, stage)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

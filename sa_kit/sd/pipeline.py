@@ -151,6 +151,45 @@ def tiny_pipeline_dir(seed: int = 0, root: str | os.PathLike | None = None) -> P
     return folder
 
 
+def check_model_source(model: Any) -> str:
+    """``model`` if it can be loaded here: ``"tiny"``, a pipeline folder, or a reachable hub id.
+
+    Raises:
+        ValueError: a folder that is not a Stable Diffusion pipeline, a name that is not a hub
+            id, or (offline) a hub id that is not in the Hugging Face cache.
+    """
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise ValueError(f"model must be 'tiny', a pipeline folder or a model id, got {model!r}")
+    model = str(model)
+    if model == TINY:
+        return model
+    path = Path(model).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"model folder {model} is not a diffusers pipeline (no "
+                             "model_index.json)")
+        try:
+            kind = json.loads(index.read_text()).get("_class_name", "")
+        except (OSError, ValueError):
+            raise ValueError(f"model folder {model} has an unreadable model_index.json") from None
+        if "StableDiffusion" not in kind:
+            raise ValueError(f"model folder {model} holds a {kind or 'unknown'} pipeline, not a "
+                             "Stable Diffusion one (text-to-image, UNet2DConditionModel)")
+        return model
+    parts = model.split("/")
+    if len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
+        raise ValueError(f"model {model!r} is neither 'tiny', an existing pipeline folder, nor a "
+                         "hub id such as 'CompVis/stable-diffusion-v1-4'")
+    from sa_kit.data import offline
+    if offline() or os.environ.get("HF_HUB_OFFLINE", "") == "1":
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            raise ValueError(f"model {model!r} is not in the Hugging Face cache and downloads are "
+                             "off (SA_KIT_OFFLINE / HF_HUB_OFFLINE); use 'tiny' or a local folder")
+    return model
+
+
 def load_pipeline(model: str | os.PathLike = TINY, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, local_files_only: bool | None = None
                   ) -> Any:

@@ -8,18 +8,24 @@ The paper needs two prompt sets and no training data (DESIGN.md, eq. 1-3):
   from templates over subjects, places and styles (no download, no duplicates).
 * **mapping pairs** for the surrogate term (eq. 1): the forget concept's prompts c_f paired with
   prompts of the surrogate ("brad pitt" -> "a middle aged man", nudity -> clothed people). The
-  model is trained to draw, for c_f, the images that the original drew for the surrogate.
+  model is trained to draw, for c_f, the images that the original drew for the surrogate. By
+  default the pairs are the official code's *bare* prompts: every surrogate image is drawn for
+  the surrogate prompt itself and trained under the forget prompt (one of a comma-separated
+  list, chosen per image, as ``sd/ldm/data/__init__.py: TextImageDataset`` does);
+  ``templates=True`` wraps both in the same varied templates instead.
 
 Example:
     >>> replay_prompts(2)
     ['a watercolor of a lighthouse on a frozen lake, at dawn', ...]  # doctest: +SKIP
-    >>> mapping_pairs("brad pitt", "a middle aged man", 1)[0][0].count("brad pitt")
-    1
+    >>> mapping_pairs("brad pitt", "a middle aged man", 1)
+    [('brad pitt', 'a middle aged man')]
 """
 from __future__ import annotations
 
 import random
 from typing import Sequence
+
+from sa_kit.checks import check_count as _check_count
 
 SUBJECTS = (
     "a dog", "a cat", "a horse", "a fox", "an owl", "a parrot", "a lion", "a deer", "a rabbit",
@@ -62,6 +68,7 @@ MAPPINGS = {
     "angelina jolie": "a middle aged woman",
     "a naked person": "a person wearing clothes",
     "nudity": "people wearing clothes",
+    "sexual, nudity, naked, erotic": "people wearing clothes",  # the official nudity prompts
     "van gogh": "a painting",
 }
 
@@ -81,9 +88,12 @@ def _decode(index: int) -> tuple[str, str]:
 
 def check_count(name: str, n: object, most: int = _TOTAL) -> int:
     """``n`` as an int in ``1..most``, or a ValueError naming ``name``."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
-        raise ValueError(f"{name} must be an integer in 1..{most}, got {n!r}")
-    return n
+    return _check_count(name, n, most)
+
+
+def split_prompts(forget_prompt: str) -> list[str]:
+    """The prompts of a comma-separated forget concept (``"sexual, nudity"`` -> two prompts)."""
+    return [p.strip() for p in forget_prompt.split(",") if p.strip()]
 
 
 def replay_prompts(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> list[str]:
@@ -136,7 +146,7 @@ def check_mapping(forget_prompt: str, surrogate_prompt: str) -> tuple[str, str]:
             raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise ValueError(f"{name} must be a non-empty string")
-    if forget_prompt.strip().lower() == surrogate_prompt.strip().lower():
+    if surrogate_prompt.strip().lower() in [p.lower() for p in split_prompts(forget_prompt)]:
         raise ValueError(f"surrogate_prompt equals the forget prompt {forget_prompt!r}; choose "
                          f"what the concept should turn into, e.g. {sorted(MAPPINGS.items())[0]}")
     return forget_prompt.strip(), surrogate_prompt.strip()
@@ -151,17 +161,23 @@ def surrogate_for(forget_prompt: str) -> str:
     return MAPPINGS[key]
 
 
-def mapping_pairs(forget_prompt: str, surrogate_prompt: str, n: int, seed: int = 0
-                  ) -> list[tuple[str, str]]:
+def mapping_pairs(forget_prompt: str, surrogate_prompt: str, n: int, seed: int = 0,
+                  templates: bool = False) -> list[tuple[str, str]]:
     """``n`` prompt pairs ``(c_f prompt, surrogate prompt)`` for the surrogate term (eq. 1).
 
-    The same template, place and style wrap both concepts, so that only the concept differs:
-    ``("a photo of brad pitt in a park", "a photo of a middle aged man in a park")``. Images
-    are drawn by the original model for the second prompt and trained under the first.
+    Images are drawn by the original model for the second prompt and trained under the first.
+    By default (the official code) the pairs are bare: ``("brad pitt", "a middle aged man")``,
+    the forget prompt drawn from its comma-separated list per pair. With ``templates=True`` the
+    same template, place and style wrap both concepts, so that only the concept differs:
+    ``("a photo of brad pitt in a park", "a photo of a middle aged man in a park")``.
     """
     forget_prompt, surrogate_prompt = check_mapping(forget_prompt, surrogate_prompt)
-    check_count("n", n, len(TEMPLATES) * len(PLACES) * len(STYLES) * len(LIGHTS))
     rng = random.Random(seed)
+    forgets = split_prompts(forget_prompt)
+    if not templates:
+        check_count("n", n, 1_000_000)
+        return [(rng.choice(forgets), surrogate_prompt) for _ in range(n)]
+    check_count("n", n, len(TEMPLATES) * len(PLACES) * len(STYLES) * len(LIGHTS))
     grid = len(PLACES) * len(STYLES) * len(LIGHTS)
     picks = rng.sample(range(len(TEMPLATES) * grid), n)
     pairs = []
@@ -170,6 +186,6 @@ def mapping_pairs(forget_prompt: str, surrogate_prompt: str, n: int, seed: int =
         inner, light = divmod(inner, len(LIGHTS))
         place, style = divmod(inner, len(STYLES))
         fmt = dict(style=STYLES[style], place=PLACES[place], light=LIGHTS[light])
-        pairs.append((TEMPLATES[template].format(subject=forget_prompt, **fmt),
+        pairs.append((TEMPLATES[template].format(subject=rng.choice(forgets), **fmt),
                       TEMPLATES[template].format(subject=surrogate_prompt, **fmt)))
     return pairs
