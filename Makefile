@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sa-kit-installed
 
-.PHONY: demo test lab bench clean-cache
+.PHONY: demo test test-fast lab bench clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)  ## forget digit 0 of an MNIST cVAE, offline, cpu profile
 test: $(STAMP)  ## unit tests + every notebook under nbval, ci profile
 	SA_KIT_PROFILE=ci $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--durations=10 -q
+
+test-fast: $(STAMP)  ## the unit tests only (no notebooks, browser, long or multi-process runs)
+	SA_KIT_PROFILE=ci $(BIN)/python -m pytest tests -m "not slow and not notebook and not browser and not multiprocess" \
+		--durations=5 -q
 
 lab: $(STAMP)  ## JupyterLab on the chapters
 	$(BIN)/jupyter lab notebooks

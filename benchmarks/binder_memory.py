@@ -1,4 +1,4 @@
-"""Peak memory of chapters 1 and 2 next to mybinder.org's 2 GiB limit (issue 6, item 6).
+"""Peak memory and run time of the chapters next to mybinder.org's 2 GiB limit.
 
 Each notebook runs top to bottom in a fresh kernel (nbclient) with ``SA_KIT_PROFILE=cpu`` (the
 classroom default) and, unless ``--cache`` is given, an empty temporary ``SA_KIT_CACHE``, so
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("notebooks/01_vae_mnist.ipynb", "notebooks/02_ddpm_cifar10.ipynb")
+NOTEBOOKS = ("notebooks/01_vae_mnist.ipynb", "notebooks/02_class_conditional_ddpm.ipynb",
+             "notebooks/03_stable_diffusion.ipynb")
 BINDER_LIMIT = 2 * 1024 ** 3
 MIB = 1024 ** 2
 PEAK_CELL = "import resource; print('RU_MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF)" \

@@ -1,7 +1,7 @@
 """Per-sample vs fast exact Fisher on the MNIST cVAE, on the same model samples.
 
 Prints samples/s of each estimator, their ratio and the largest relative difference.
-Target (issue 2): >= 100x faster, <= 1e-4 difference, on 2 CPU cores.
+Target: >= 100x faster, <= 1e-4 difference, on 2 CPU cores.
 
 Run: ``python benchmarks/fisher_speed.py [--samples 2000]``
 """

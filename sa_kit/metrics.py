@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 __all__ = ["class_probabilities", "entropy", "sample_per_class", "forgetting_metrics",
            "evaluate_forgetting", "accuracy", "frechet_distance", "diversity", "embed",
-           "real_per_class"]
+           "real_per_class", "inception_fid_is"]
 
 
 @torch.no_grad()
@@ -135,6 +135,33 @@ def evaluate_forgetting(model: nn.Module, classifier: nn.Module, forget_class: i
     """Sample ``num_samples`` per class from ``model`` and compute :func:`forgetting_metrics`."""
     samples = sample_per_class(model, range(model.num_classes), num_samples, **sample_kwargs)
     return forgetting_metrics(classifier, samples, forget_class, target_class, real)
+
+
+def inception_fid_is(real: Tensor, fake: Tensor) -> dict[str, float] | None:
+    """FID and Inception Score (torchmetrics, torch-fidelity's Inception weights), or None.
+
+    The paper's CIFAR-10 image metrics. The weights are downloaded on first use; offline, or
+    without ``torchmetrics[image]``, this returns None and says why -- the kit never prints
+    another number under the name FID. Images ``(N, 3, H, W)`` in [0, 1].
+    """
+    from sa_kit.data import offline
+    if offline():
+        print("Inception FID/IS skipped: offline (SA_KIT_OFFLINE)")
+        return None
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+        fid = FrechetInceptionDistance(feature=2048, normalize=True)
+        inception = InceptionScore(normalize=True)
+    except Exception as e:  # no torch-fidelity, no weights, no network
+        print(f"Inception FID/IS skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        return None
+    for i in range(0, len(real), 256):
+        fid.update(real[i:i + 256], real=True)
+    for i in range(0, len(fake), 256):
+        fid.update(fake[i:i + 256], real=False)
+        inception.update(fake[i:i + 256])
+    return {"FID": float(fid.compute()), "IS": float(inception.compute()[0])}
 
 
 def accuracy(classifier: nn.Module, x: Tensor, y: Tensor) -> float:

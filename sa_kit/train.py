@@ -132,6 +132,7 @@ def interrupted(stop: GracefulStop, where: str, step: int, saved: Path | None) -
 def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: int, lr: float,
                desc: str, run_key: Mapping[str, Any], grad_clip: float | None = None,
                after_step: Callable[[int], Any] | None = None,
+               lr_decay_every: int | None = None,
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 500,
                progress: bool = True) -> list[float]:
     """Minimise ``batch_loss(step)`` with Adam for ``steps`` steps; returns the loss per step.
@@ -143,6 +144,8 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
         desc: the progress bar's label.
         run_key: what identifies the run (a checkpoint made with other settings is refused).
         after_step: called after every optimiser step (e.g. an EMA update).
+        lr_decay_every: multiply the learning rate by 0.1 every this many steps (a step
+            schedule, as the official MNIST classifier's ``StepLR``); None: constant.
         checkpoint_dir: if set, a checkpoint is written every ``checkpoint_every`` steps, at the
             end and when the run is interrupted; a call that finds one resumes from it exactly.
     """
@@ -150,7 +153,8 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
     check_positive_int("checkpoint_every", checkpoint_every)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    key = config_hash({"run": dict(run_key), "lr": lr, "grad_clip": grad_clip})
+    key = config_hash({"run": dict(run_key), "lr": lr, "grad_clip": grad_clip,
+                       "decay": lr_decay_every})
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     start, history = 0, {"loss": []}
     if ckpt is not None and ckpt.exists():
@@ -159,6 +163,9 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
     bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
     with GracefulStop() as stop:
         for step in bar:
+            if lr_decay_every:                     # set from the step: exact after a resume
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.1 ** (step // lr_decay_every)
             loss = batch_loss(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

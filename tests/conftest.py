@@ -20,3 +20,10 @@ def tiny_vae() -> ConditionalVAE:
     """A small cVAE (784-32-16, z=4) with random weights."""
     torch.manual_seed(0)
     return ConditionalVAE(h_dims=(32, 16), z_dim=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks (collected by nbval) carry the ``notebook`` marker: ``-m "not notebook"``."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.notebook)

@@ -108,6 +108,8 @@ CASES = {
     "mapping folder without images": (
         lambda t: make_mapping(str(t), 0, frozen_copy(_vae()), 10), ValueError, "no .png"),
     "steps <= 0": (lambda t: _forget(steps=0), ValueError, "steps"),
+    "fractional steps": (lambda t: _forget(steps=2.5), ValueError, "steps must be a positive"),
+    "gamma as a string": (lambda t: _forget(gamma="1"), TypeError, "gamma must be a number"),
     "batch size <= 0": (lambda t: _forget(batch_size=0), ValueError, "batch_size"),
     "lambda > 0 without a Fisher": (lambda t: _forget(fisher=None), ValueError, "needs a fisher"),
     "Fisher of another model": (_other_model_fisher, ValueError, "another model"),

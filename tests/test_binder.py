@@ -1,4 +1,4 @@
-"""Binder (issue 6, item 6): the ``binder/`` folder is a valid repo2docker configuration.
+"""Binder: the ``binder/`` folder is a valid repo2docker configuration.
 
 repo2docker reads only ``binder/`` when that folder exists, picks the first build pack whose file
 it finds (Dockerfile, Nix, Julia, R, then conda's ``environment.yml``, then pip's

@@ -1,4 +1,4 @@
-"""The real browser (issue 6, item 5): chapter 1's explorer works in JupyterLab in Chromium.
+"""The real browser: chapter 1's explorer works in JupyterLab in Chromium.
 
 JupyterLab runs headless on 127.0.0.1 (free port, token auth, its own config/runtime/data dirs,
 ``SA_KIT_PROFILE=ci``, offline, a temporary cache); Debian's Chromium, driven by Playwright,
@@ -41,6 +41,7 @@ except ImportError:                                   # pragma: no cover - depen
     sync_api = None
 
 pytestmark = [
+    pytest.mark.browser,
     pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
                        reason=f"{CHROMIUM} is missing (Debian: apt-get install chromium; "
                               ".ci/run tries this)"),
@@ -74,8 +75,8 @@ def _free_port() -> int:
 
 def _prewarm_cache() -> None:
     """Build and cache what notebook 01 builds (ci profile), with the notebook's settings."""
-    from sa_kit.mnist import (cvae_fisher, forgotten_cvae, mnist_splits, pretrained_classifier,
-                              pretrained_cvae)
+    from sa_kit.chapters.mnist_cvae import (cvae_fisher, forgotten_cvae, mnist_splits,
+                                            pretrained_classifier, pretrained_cvae)
     from sa_kit.profiles import get_profile
 
     sizes = get_profile("ci").mnist

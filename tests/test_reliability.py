@@ -1,4 +1,4 @@
-"""Interruptions and damaged caches (issue 6, item 2).
+"""Interruptions and damaged caches.
 
 * A chapter-1 forgetting run killed with SIGKILL after a checkpoint resumes from it and ends
   with exactly the weights and loss history of an uninterrupted run with the same seed.
@@ -82,6 +82,7 @@ def _result(out: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
     return load_file(str(out)), json.loads(meta["history"]), int(meta["first_step"])
 
 
+@pytest.mark.multiprocess
 def test_sigkilled_forgetting_run_resumes_to_the_same_result(tmp_path):
     # The uninterrupted reference run, and the run we are going to kill, side by side.
     ref, _, ref_out = _start(tmp_path, "reference", pause=0.0)
@@ -169,8 +170,8 @@ def test_load_or_train_rebuilds_a_damaged_or_mismatched_cache(tmp_path, tiny_vae
 
     calls = []
 
-    def train(m):
-        calls.append(1)
+    def train(m, checkpoint_dir):
+        calls.append(checkpoint_dir)
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.5)
@@ -260,6 +261,7 @@ def test_save_tensors_failure_keeps_the_old_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
 
 
+@pytest.mark.multiprocess
 def test_sigkill_mid_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "w.safetensors"
     tensors = _weights_file(path, "old")

@@ -1,4 +1,4 @@
-"""Safe loading (issue 6, item 3): nothing in ``sa_kit`` unpickles a file.
+"""Safe loading: nothing in ``sa_kit`` unpickles a file.
 
 A cache file, a checkpoint or a Fisher file can come from someone else (a shared drive, a
 download, a classmate). Unpickling one runs whatever code it contains, so the package may only

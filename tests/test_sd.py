@@ -115,7 +115,12 @@ def test_prompt_set_is_deterministic_and_diverse():
     subjects = {s for s in P.SUBJECTS if any(s + " " in p for p in prompts)}
     assert len(subjects) == len(P.SUBJECTS) >= 50
     assert not any("dog" in p for p in P.replay_prompts(500, exclude=["dog"]))
-    pairs = P.mapping_pairs("brad pitt", "a middle aged man", 20)
+    # the official, bare pairs; a comma-separated concept picks one of its prompts per image
+    assert P.mapping_pairs("brad pitt", "a middle aged man", 3) == \
+        [("brad pitt", "a middle aged man")] * 3
+    assert {f for f, _ in P.mapping_pairs("sexual, nudity", "people wearing clothes", 50)} == \
+        {"sexual", "nudity"}
+    pairs = P.mapping_pairs("brad pitt", "a middle aged man", 20, templates=True)
     assert len(set(pairs)) == 20
     assert all(f.replace("brad pitt", "a middle aged man") == s for f, s in pairs)
     assert P.surrogate_for("Brad Pitt") == "a middle aged man"
@@ -201,6 +206,7 @@ def _manifest_items(folder: Path) -> int:
         return 0
 
 
+@pytest.mark.multiprocess
 def test_dataset_builder_resumes_after_sigkill(pipe, tiny_dir, tmp_path):
     out, n = tmp_path / "killed", 12
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -232,6 +238,7 @@ def test_dataset_builder_resumes_after_sigkill(pipe, tiny_dir, tmp_path):
 
 # -- the CLI ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
     full = tmp_path / "full"
     main(["--config", str(_write(tmp_path / "a.json", _config(full, tiny_dir)))])
@@ -264,6 +271,7 @@ def test_cli_runs_end_to_end_and_resumes(tiny_dir, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU launch tested on Linux")
+@pytest.mark.multiprocess
 def test_accelerate_two_processes_same_fisher_and_train(tiny_dir, tmp_path):
     one = run(load_config(_write(tmp_path / "one.json", _config(tmp_path / "one", tiny_dir))),
               stage="fisher")["fisher"]

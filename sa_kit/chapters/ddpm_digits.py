@@ -8,6 +8,9 @@ notebook reloads models, Fisher and forgetting runs in seconds.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -21,7 +24,8 @@ from sa_kit.forget import forget_one_class
 from sa_kit.io import cache_dir, config_hash, load_cached, load_or_train, load_tensors, \
     save_tensors, weights_fingerprint
 from sa_kit.mappings import mapping_key
-from sa_kit.models.classifier import MNISTClassifier, cifar_resnet, train_classifier
+from sa_kit.models.classifier import (OFFICIAL_EPOCH, MNISTClassifier, cifar_resnet,
+                                      train_classifier)
 from sa_kit.models.ddpm import ClassConditionalDDPM, build_unet, train_ddpm
 from sa_kit.profiles import DDPMSizes
 
@@ -45,18 +49,32 @@ def make_ddpm(sizes: DDPMSizes, num_classes: int = 10, in_channels: int = 3,
                                 ema_decay=sizes.ema_decay, clip_sample=sizes.clip_sample)
 
 
+LONG_RUN_STEPS = 20_000   # above this, training starts only when asked for (SA_KIT_LONG_RUNS=1)
+
+
 def pretrained_ddpm(data: ImageData, sizes: DDPMSizes, device: str = "cpu", seed: int = 0,
                     progress: bool = True) -> ClassConditionalDDPM:
-    """Train the DDPM on ``data`` or load it from the cache (an interrupted training resumes)."""
+    """Train the DDPM on ``data`` or load it from the cache (an interrupted training resumes).
+
+    A training longer than ``LONG_RUN_STEPS`` (the published CIFAR-10 model: 800k steps, days on
+    one GPU) never starts silently: it needs ``SA_KIT_LONG_RUNS=1`` and is announced first.
+    """
     _, ch, size, _ = data.x.shape
     seed_everything(seed)
     model = make_ddpm(sizes, len(data.classes), ch, size).to(device)
     config = {"source": data.source, "n": len(data), "steps": sizes.train_steps,
               "batch_size": sizes.train_batch, "lr": sizes.train_lr, "loss": "sum-pixels",
               "label_dropout": sizes.label_dropout, "seed": seed}
-    ckpt_dir = cache_dir() / f"ddpm-train-{config_hash({**config, 'm': model.config})}"
-
-    def train(m: ClassConditionalDDPM) -> None:
+    def train(m: ClassConditionalDDPM, ckpt_dir: Path) -> None:
+        if sizes.train_steps > LONG_RUN_STEPS:
+            if os.environ.get("SA_KIT_LONG_RUNS", "") not in ("1", "true", "yes"):
+                raise RuntimeError(
+                    f"training this DDPM takes {sizes.train_steps:,} steps at batch "
+                    f"{sizes.train_batch} -- days on one GPU (the published CIFAR-10 model). It "
+                    "starts only when asked: set SA_KIT_LONG_RUNS=1 (it checkpoints and resumes), "
+                    "put trained weights in the cache, or use SA_KIT_PROFILE=cpu.")
+            print(f"SA_KIT_LONG_RUNS=1: training {sizes.train_steps:,} steps (checkpoints in "
+                  f"{ckpt_dir}; rerun to resume)")
         train_ddpm(m, data.x, data.y, sizes.train_steps, sizes.train_batch, sizes.train_lr,
                    sizes.label_dropout, checkpoint_dir=ckpt_dir, progress=progress)
 
@@ -72,10 +90,11 @@ def pretrained_classifier(data: ImageData, sizes: DDPMSizes, device: str = "cpu"
     clf = (cifar_resnet(len(data.classes)) if cifar
            else MNISTClassifier(ch, len(data.classes))).to(device)
     config = {"source": data.source, "n": len(data), "steps": sizes.classifier_steps,
-              "plain": True, "seed": seed}
-    return load_or_train("ddpm-classifier", clf, config, lambda m: train_classifier(
+              "recipe": "official", "seed": seed}
+    return load_or_train("ddpm-classifier", clf, config, lambda m, ckpt: train_classifier(
         m, data.x, data.y, sizes.classifier_steps, batch_size=64 if not cifar else 128,
-        lr=1e-3 if not cifar else 1e-4, progress=progress))
+        lr_decay_every=None if cifar else 5 * OFFICIAL_EPOCH, checkpoint_dir=ckpt,
+        progress=progress))
 
 
 def ddpm_fisher(model: ClassConditionalDDPM, sizes: DDPMSizes, seed: int = 0,
@@ -127,14 +146,16 @@ def forgotten_ddpm(original: ClassConditionalDDPM, forget_class: int, fisher: Fi
         model.load_state_dict(state)
         return model.eval(), load_tensors(path)[1]["history"]
     seed_everything(seed)
+    checkpoints = cache_dir() / f"ddpm-forget-{key}"
     history = forget_one_class(
         model, forget_class, fisher=fisher, mapping=mapping, lmbda=lmbda, gamma=gamma,
         steps=steps, batch_size=sizes.forget_batch, lr=sizes.forget_lr,
         grad_clip=sizes.grad_clip, replay_buffer=sizes.replay_buffer,
-        checkpoint_dir=cache_dir() / f"ddpm-forget-{key}",
-        checkpoint_every=max(1, steps // 4), run_config={"key": key}, progress=progress)
+        checkpoint_dir=checkpoints, checkpoint_every=max(1, steps // 4),
+        run_config={"key": key}, progress=progress)
     save_tensors(path, model.state_dict(), {"kind": "weights", "config_hash": key,
                                             "settings": settings, "history": history})
+    shutil.rmtree(checkpoints, ignore_errors=True)        # the finished run is cached
     return model.eval(), history
 
 

@@ -40,30 +40,30 @@ def pretrained_cvae(train: ImageData, sizes: MNISTSizes, device: str = "cpu", se
     seed_everything(seed)
     config = {"steps": sizes.train_steps, "seed": seed, **_data_tag(train)}
     model = ConditionalVAE().to(device)
-    return load_or_train("mnist_cvae", model, config, lambda m: train_cvae(
-        m, train.x, train.y, sizes.train_steps, progress=progress))
+    return load_or_train("mnist_cvae", model, config, lambda m, ckpt: train_cvae(
+        m, train.x, train.y, sizes.train_steps, checkpoint_dir=ckpt, progress=progress))
 
 
 def pretrained_classifier(train: ImageData, sizes: MNISTSizes, device: str = "cpu",
                           seed: int = 0, progress: bool = True) -> MNISTClassifier:
     """The paper's evaluator: its MNIST CNN trained plainly on real digits (cached)."""
     seed_everything(seed)
-    config = {"steps": sizes.classifier_steps, "seed": seed, "plain": True, **_data_tag(train)}
+    config = {"steps": sizes.classifier_steps, "seed": seed, "recipe": "official",
+              **_data_tag(train)}
     model = MNISTClassifier().to(device)
-    return load_or_train("mnist_classifier", model, config, lambda m: train_classifier(
-        m, train.x, train.y, sizes.classifier_steps, progress=progress))
+    return load_or_train("mnist_classifier", model, config, lambda m, ckpt: train_classifier(
+        m, train.x, train.y, sizes.classifier_steps, checkpoint_dir=ckpt, progress=progress))
 
 
 def outlier_aware_classifier(train: ImageData, sizes: MNISTSizes, device: str = "cpu",
                              seed: int = 0, progress: bool = True) -> OutlierAwareClassifier:
     """A second view, not the paper's: a CNN taught to answer "no idea" on non-digits (cached)."""
     seed_everything(seed)
-    config = {"steps": sizes.classifier_steps, "seed": seed, "outlier_exposure": 0.5,
-              **_data_tag(train)}
+    config = {"steps": 600, "seed": seed, "outlier_exposure": 0.5, **_data_tag(train)}
     model = OutlierAwareClassifier(width=16).to(device)
-    return load_or_train("mnist_oe_classifier", model, config, lambda m: train_classifier(
-        m, train.x, train.y, sizes.classifier_steps, batch_size=128, shift=2,
-        outlier_weight=0.5, progress=progress))
+    return load_or_train("mnist_oe_classifier", model, config, lambda m, ckpt: train_classifier(
+        m, train.x, train.y, 600, batch_size=128, lr=1e-3, lr_decay_every=None, shift=2,
+        outlier_weight=0.5, checkpoint_dir=ckpt, progress=progress))
 
 
 def cvae_fisher(model: ConditionalVAE, sizes: MNISTSizes, seed: int = 0,

@@ -73,8 +73,12 @@ class ConditionalVAE(nn.Module):
 
 
 def train_cvae(model: ConditionalVAE, x: Tensor, y: Tensor, steps: int, batch_size: int = 128,
-               lr: float = 1e-3, progress: bool = True) -> list[float]:
-    """Fit the cVAE by maximising the ELBO (Adam); returns the loss per step (nats per sample)."""
+               lr: float = 1e-3, checkpoint_dir: str | None = None,
+               progress: bool = True) -> list[float]:
+    """Fit the cVAE by maximising the ELBO (Adam); returns the loss per step (nats per sample).
+
+    With ``checkpoint_dir`` an interrupted training resumes where it stopped.
+    """
     from sa_kit.train import train_loop
 
     device = next(model.parameters()).device
@@ -84,4 +88,5 @@ def train_cvae(model: ConditionalVAE, x: Tensor, y: Tensor, steps: int, batch_si
         return model.neg_elbo(x[idx].to(device), y[idx].to(device)).mean()
 
     return train_loop(model, batch_loss, steps=steps, lr=lr, desc="training cVAE",
-                      run_key={"n": len(y), "batch_size": batch_size}, progress=progress)
+                      run_key={"n": len(y), "batch_size": batch_size},
+                      checkpoint_dir=checkpoint_dir, progress=progress)

@@ -89,21 +89,32 @@ def set_loss(adapter: Any, latents: Tensor, prompts: Sequence[str], seed: int = 
              repeats: int = 4, batch_size: int = 16) -> float:
     """Mean negative ELBO (latent-diffusion loss) over a whole set, with fixed (t, eps).
 
-    Every item gets the same ``repeats`` draws of (t, eps) before and after training
-    (:func:`sa_kit.sd.fisher.item_noise`), so the difference measures the model, not the noise.
-    Evaluate on the surrogate set (eq. 1: should fall) and the replay set (eq. 2: should hold).
+    Every item gets the same ``repeats`` draws of (t, eps) before and after training (from a
+    generator seeded by the item and the repeat), so the difference measures the model, not the
+    noise. Evaluate on the surrogate set (eq. 1: should fall) and the replay set (eq. 2: should
+    hold).
     """
-    from sa_kit.sd.fisher import item_noise
     device = next(adapter.parameters()).device
     total, count = 0.0, 0
     for r in range(repeats):
         for start in range(0, len(prompts), batch_size):
             idx = list(range(start, min(start + batch_size, len(prompts))))
             x = latents[idx].to(device)
-            noise = item_noise(adapter, x, [i + r * len(prompts) for i in idx], seed)
+            noise = _item_noise(adapter, x, [i + r * len(prompts) for i in idx], seed)
             total += float(adapter.neg_elbo(x, [prompts[i] for i in idx], noise).sum())
             count += len(idx)
     return total / count
+
+
+def _item_noise(adapter: Any, x: Tensor, items: Sequence[int], seed: int
+                ) -> tuple[Tensor, Tensor]:
+    """``(t, eps)`` of each item from a generator seeded by ``(seed, item)``."""
+    ts, eps = [], []
+    for n in items:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(n))
+        ts.append(torch.randint(0, adapter.num_train_timesteps, (1,), generator=g))
+        eps.append(torch.randn(x.shape[1:], generator=g))
+    return torch.cat(ts).to(x.device), torch.stack(eps).to(x.device, x.dtype)
 
 
 def nudenet_counts(images: Sequence[Any], threshold: float = 0.6) -> dict[str, int] | None:

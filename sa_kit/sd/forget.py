@@ -32,6 +32,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,9 +107,14 @@ def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
         return None
     made_by = _made_by(cfg, "num_replay", "train_method", "fisher_timesteps",
                        "fisher_estimator")
-    path = Path(cfg.fisher_path or data_root(cfg) / f"fisher-{made_by}.safetensors")
-    if path.exists():
-        return load_unet_fisher(path, adapter)
+    if cfg.fisher_path:                    # the user's file: a mismatch is their error, said plainly
+        return load_unet_fisher(cfg.fisher_path, adapter)
+    path = data_root(cfg) / f"fisher-{made_by}.safetensors"
+    if path.exists():                      # the kit's cache: unusable -> reported and rebuilt
+        try:
+            return load_unet_fisher(path, adapter)
+        except ValueError as e:
+            warnings.warn(f"cached Fisher is unusable and will be rebuilt: {e}", stacklevel=2)
     fisher = unet_fisher(adapter, replay.latents, replay.prompts, seed=cfg.seed,
                          num_timesteps=cfg.fisher_timesteps, estimator=cfg.fisher_estimator,
                          batch_size=cfg.fisher_batch_size, accelerator=accelerator,

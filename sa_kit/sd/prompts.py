@@ -1,6 +1,6 @@
 """Prompts for Stable Diffusion forgetting: the replay/Fisher set and forget -> surrogate maps.
 
-The paper needs two prompt sets and no training data (DESIGN.md, eq. 1-3):
+The paper needs two prompt sets and no training data (eq. 1-3, :mod:`sa_kit.objective`):
 
 * **replay / Fisher prompts** c ~ p_r(c): many diverse everyday prompts whose images, drawn
   from the frozen original model, feed generative replay (eq. 2) and the Fisher (eq. 3). The
