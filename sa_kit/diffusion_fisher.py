@@ -100,7 +100,7 @@ def _item_draws(model: Any, x1: Tensor, K: int | None, generator: torch.Generato
 def diffusion_fisher(model: Any, x: Tensor, c: Any, num_timesteps: int | None = None, *,
                      estimator: str = "product", seed: int = 0,
                      item_ids: Sequence[int] | None = None, eps: Tensor | None = None,
-                     chunk_size: int = 50, progress: bool = True) -> Fisher:
+                     chunk_size: int = 50, clamp: bool = True, progress: bool = True) -> Fisher:
     """Eq. (*): each item's loss summed over all timesteps, its gradient squared, averaged.
 
     Args:
@@ -115,6 +115,9 @@ def diffusion_fisher(model: Any, x: Tensor, c: Any, num_timesteps: int | None = 
         eps: optional noise table ``(N, T, ...)``: item n at timestep t uses ``eps[n, t]`` (to
             compare estimators, or an independent implementation, on the same noise).
         chunk_size: timesteps per forward/backward pass (memory vs speed).
+        clamp: clamp the result at 0 (the product estimator's mean can dip below it). A caller
+            that averages several calls over disjoint items (shards) passes False and clamps
+            the average.
 
     Returns:
         ``{name: F}`` for every trainable parameter of ``model``.
@@ -157,7 +160,7 @@ def diffusion_fisher(model: Any, x: Tensor, c: Any, num_timesteps: int | None = 
                 fisher[k] += s
     finally:
         model.train(was_training)
-    return {k: (f / len(x)).clamp_min(0) for k, f in fisher.items()}
+    return {k: (f / len(x)).clamp_min(0) if clamp else f / len(x) for k, f in fisher.items()}
 
 
 def fisher_agreement(estimate: Mapping[str, Tensor], reference: Mapping[str, Tensor]

@@ -89,16 +89,24 @@ class ImageMapping:
 def load_image_folder(folder: str | os.PathLike, shape: Sequence[int],
                       value_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Read every png/jpg in ``folder``, resized to ``shape`` = (C, H, W), scaled to the range."""
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    from PIL import Image
     from torchvision.transforms.functional import resize
 
     files = sorted(p for p in Path(folder).iterdir()
                    if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"mapping folder {folder} holds no .png/.jpg images")
-    mode = ImageReadMode.GRAY if shape[0] == 1 else ImageReadMode.RGB
-    imgs = torch.stack([resize(decode_image(str(p), mode=mode), list(shape[1:]),
-                               antialias=True) for p in files]).float() / 255
+    mode = "L" if shape[0] == 1 else "RGB"
+
+    def read(p: Path) -> Tensor:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+        t = torch.from_numpy(arr.copy())
+        return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+
+    imgs = torch.stack([resize(read(p), list(shape[1:]), antialias=True)
+                        for p in files]).float() / 255
     low, high = value_range
     return low + (high - low) * imgs
 

@@ -39,13 +39,16 @@ def show_grid(samples: Mapping[int, Tensor], title: str = "", ncols: int = 8,
 def png_bytes(samples: Mapping[int, Tensor], ncols: int = 8,
               value_range: tuple[float, float] = (0.0, 1.0), scale: int = 2) -> bytes:
     """The grid as PNG bytes (for an ``ipywidgets.Image``)."""
-    from torchvision.io import encode_png
+    from PIL import Image
 
     img = grid_image(samples, ncols, value_range)
     img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="nearest")[0]
     if img.shape[0] == 1:
         img = img.expand(3, -1, -1)
-    return encode_png((img * 255).round().to(torch.uint8)).numpy().tobytes()
+    arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def plot_history(history: Mapping[str, Sequence[float]], title: str = "SA loss terms"

@@ -29,11 +29,14 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _sd_config(tmp: Path, name: str = "run.yaml", **kw: object) -> str:
+_NAMES = iter(range(10**6))
+
+
+def _sd_config(tmp: Path, name: str | None = None, **kw: object) -> str:
     cfg = {"output_dir": str(tmp / "out"), "model": "tiny", "steps": 2, "num_surrogate": 2,
            "num_replay": 2, "gen_steps": 2, "batch_size": 1, "effective_batch": 1}
     cfg.update(kw)
-    path = tmp / name
+    path = tmp / (name or f"run{next(_NAMES)}.yaml")
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n")
     return str(path)
 
@@ -178,22 +181,31 @@ def _wait_for(path: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
+FORGET_RUN = dict(steps=400, checkpoint_every=1000, lmbda=0.5, fisher_timesteps=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The reference: the same forgetting run, start to end, and its shared data folder."""
+    tmp = tmp_path_factory.mktemp("whole")
+    env = _env(tmp)
+    cfg = _sd_config(tmp, "whole.yaml", output_dir=str(tmp / "whole"),
+                     data_dir=str(tmp / "data"), **FORGET_RUN)
+    res = subprocess.run(_forget_cmd(cfg), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp, env
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_forgetting_command_resumes_to_the_same_result(tmp_path, sig):
+def test_interrupted_forgetting_command_resumes_to_the_same_result(uninterrupted, tmp_path, sig):
     from safetensors.torch import load_file
-    common = dict(steps=30, checkpoint_every=1000, lmbda=0.5, fisher_timesteps=4,
-                  data_dir=str(tmp_path / "data"))
-    whole = _sd_config(tmp_path, "whole.yaml", output_dir=str(tmp_path / "whole"), **common)
-    env = _env(tmp_path)
-    assert subprocess.run(_forget_cmd(whole), env=env, capture_output=True, text=True,
-                          timeout=600).returncode == 0
-    part = _sd_config(tmp_path, "part.yaml", output_dir=str(tmp_path / "part"), **common)
-    proc = subprocess.Popen(_forget_cmd(part) + ["--stage", "fisher"], env=env)
-    assert proc.wait(timeout=600) == 0                  # data and Fisher ready: time the training
+    whole, env = uninterrupted
+    part = _sd_config(tmp_path, "part.yaml", output_dir=str(tmp_path / "part"),
+                      data_dir=str(whole / "data"), **FORGET_RUN)   # data and Fisher: cached
     proc = subprocess.Popen(_forget_cmd(part), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(6)                                        # well inside the 30 training steps
+    time.sleep(7)                                        # loaded, and inside the 400 steps
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
@@ -201,11 +213,9 @@ def test_interrupted_forgetting_command_resumes_to_the_same_result(tmp_path, sig
     ckpt = tmp_path / "part" / "checkpoints" / "checkpoint.safetensors"
     assert ckpt.exists() and not (tmp_path / "part" / "pipeline").exists()
     res = subprocess.run(_forget_cmd(part), env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr
-    a = load_file(str(tmp_path / "whole" / "pipeline" / "unet" /
-                      "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "pipeline" / "unet" /
-                      "diffusion_pytorch_model.safetensors"))
+    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr, res.stderr[-2000:]
+    unet = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(whole / "whole" / unet)), load_file(str(tmp_path / "part" / unet))
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
 

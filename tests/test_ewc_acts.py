@@ -47,7 +47,7 @@ def test_chapter1_cvae(profile):
     train_cvae(base, train.x, train.y, steps=300, progress=False)
     fisher = model_fisher(base, range(10), 500, progress=False)
     make = lambda: __import__("copy").deepcopy(base)  # noqa: E731
-    kw = dict(mapping="noise", gamma=sizes.gamma, steps=60, batch_size=sizes.forget_batch,
+    kw = dict(mapping="noise", gamma=sizes.gamma, steps=300, batch_size=sizes.forget_batch,
               lr=sizes.forget_lr)
     held, free = _drift(make, fisher, sizes.lmbda, **kw), _drift(make, fisher, 0.0, **kw)
     print(f"ch1 {profile}: Fisher norm lambda={sizes.lmbda:g}: {held:.4g}, lambda=0: {free:.4g}")

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sa_kit.forget import CHECKPOINT, forget_class
+from sa_kit.forget import CHECKPOINT
+from sa_kit.forget import forget_one_class as forget_class
 from sa_kit.io import atomic_write, config_hash, load_cached, load_or_train, load_tensors, \
     save_tensors
 from sa_kit.models import ConditionalVAE

@@ -282,7 +282,7 @@ def test_accelerate_two_processes_same_fisher_and_train(tiny_dir, tmp_path):
                 "--dynamo_backend", "no", "--main_process_port", "29517"]
     # the whole tool on 2 processes: data, sharded Fisher, then 2 DDP steps with checkpointing
     res = subprocess.run(launcher + ["-m", "sa_kit.sd.forget", "--config", str(cfg), "steps=2",
-                                     "gradient_checkpointing=true"], env=env,
+                                     "effective_batch=4", "gradient_checkpointing=true"], env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "history.json").read_text())["step"] == [1, 2]

@@ -64,12 +64,12 @@ def unet_fisher(adapter: SDAdapter, latents: torch.Tensor, prompts: Sequence[str
         with autocast:
             part = diffusion_fisher(adapter, x, c, num_timesteps, estimator=estimator,
                                     seed=seed, item_ids=idx, chunk_size=chunk_size,
-                                    progress=False)
+                                    clamp=False, progress=False)
         for k, v in part.items():
             sums[k] += v.float() * len(idx)           # back to sums of squares
     if world > 1:
         sums = {k: accelerator.reduce(v, reduction="sum") for k, v in sums.items()}
-    return {k: v / len(prompts) for k, v in sums.items()}
+    return {k: (v / len(prompts)).clamp_min(0) for k, v in sums.items()}
 
 
 def unet_key(adapter: SDAdapter) -> dict[str, str]:

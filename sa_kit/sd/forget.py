@@ -286,6 +286,7 @@ def run(cfg: SDForgetConfig, stage: str = "train", progress: bool = True) -> dic
     from sa_kit.sd.pipeline import load_pipeline
     check_choice("stage", stage, STAGES)
     accelerator = make_accelerator(cfg)
+    cfg.accumulation(accelerator.num_processes)          # the batch fits the processes: say so now
     torch.manual_seed(cfg.seed)
     pipe = load_pipeline(cfg.model, device=accelerator.device)
     adapter = SDAdapter.from_pipeline(pipe, sample_steps=cfg.gen_steps,
@@ -307,8 +308,9 @@ def run(cfg: SDForgetConfig, stage: str = "train", progress: bool = True) -> dic
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SDForgetConfig, str]:
     """The command line -> ``(config, stage)``; a bad argument is a one-line ``ValueError``."""
-    ap = argparse.ArgumentParser(prog="sa-kit forget-sd", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sa_kit.cli import ArgParser
+    ap = ArgParser(prog="sa-kit forget-sd", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a JSON or YAML file of SDForgetConfig keys")
     ap.add_argument("--stage", default="train", choices=STAGES, help="stop after this stage")
     ap.add_argument("overrides", nargs="*", help="key=value settings (override the file)")
