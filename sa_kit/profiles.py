@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 from sa_kit.sd.config import SDForgetConfig
+from sa_kit.sd.digits import T2ISizes
 
 PROFILES = ("ci", "cpu", "gpu")
 
@@ -118,26 +119,46 @@ DDPM = {
 
 @dataclass(frozen=True)
 class SDSizes:
-    """Chapter 3: the forgetting run (``run``, the CLI's settings) and the notebook's extras."""
+    """Chapter 3: the model, the forgetting run (``run``: the CLI's settings), the extras.
+
+    ``model_sizes`` is the kit's coloured-digit text-to-image model, trained on a CPU
+    (:mod:`sa_kit.sd.digits`); None means ``run.model`` (Stable Diffusion v1.4 on a GPU).
+    """
 
     run: SDForgetConfig = field(default_factory=SDForgetConfig)
+    model_sizes: T2ISizes | None = None
     grid_prompts: int = 4
     widget_steps: int = 20
-    cpu_threads: int | None = 1  # tiny models only lose time to thread contention
+    eval_per: int = 2           # held-out prompts per digit/colour combination for the metrics
+    render_steps: int = 20      # DDIM steps of the evaluation images
+    cpu_threads: int | None = None
 
 
 def _sd_run(**kw: object) -> SDForgetConfig:
     return dataclasses.replace(SDForgetConfig(), **kw)
 
 
-# The tiny pipeline is random: its Fisher per weight is large and the published lambda = 50
-# freezes it (measured: the surrogate loss does not move in 40 steps); 0.5 shows the mechanics.
-_TINY_SD = dict(model="tiny", epochs=None, batch_size=4, effective_batch=4, lr=1e-3,
-                scale_lr=False, gen_steps=2, fisher_timesteps=None, lmbda=0.5)
+# Chapter 3 on a CPU: the coloured-digit model. Templated pairs ("a red seven" -> "a red one"),
+# the model's own replay prompts, K = 20 stratified timesteps for the Fisher. lambda = 10 and
+# lr 3e-4 (measured on the cpu model, 300 steps of red -> blue: lambda 1 forgets red to P 0.13
+# but one other colour falls to 0.5; lambda 10 keeps every other colour >= 0.9 at P 0.24).
+_DIGITS_SD = dict(model="digits", forget_prompt="seven", surrogate_prompt="one",
+                  prompt_templates=True, epochs=None, scale_lr=False, optimizer="adamw",
+                  gen_steps=20, guidance_scale=4.0, fisher_timesteps=20, gen_batch_size=32,
+                  fisher_batch_size=16, lmbda=10.0, lr=3e-4)
 SD = {
-    "ci": SDSizes(run=_sd_run(**_TINY_SD, steps=40, num_surrogate=8, num_replay=16),
-                  grid_prompts=3, widget_steps=8),
-    "cpu": SDSizes(run=_sd_run(**_TINY_SD, steps=60, num_surrogate=16, num_replay=32)),
+    # ci: a smaller model in about a minute -- it learns colours, digits only roughly
+    "ci": SDSizes(run=_sd_run(**{**_DIGITS_SD, "gen_steps": 10, "fisher_timesteps": 10},
+                              steps=40, batch_size=16, effective_batch=16, num_surrogate=48,
+                              num_replay=64),
+                  model_sizes=T2ISizes(vae_channels=(8, 16), vae_steps=300,
+                                       unet_channels=(32, 64), text_width=32, train_steps=1000,
+                                       batch_size=32, classifier_steps=400,
+                                       num_examples=5000),
+                  grid_prompts=3, widget_steps=10, eval_per=1, render_steps=10),
+    "cpu": SDSizes(run=_sd_run(**_DIGITS_SD, steps=250, batch_size=16, effective_batch=16,
+                               num_surrogate=200, num_replay=300),
+                   model_sizes=T2ISizes(), eval_per=4, widget_steps=40),
     # the published run is `python -m sa_kit.sd.forget`; the notebook walks a shorter one
     "gpu": SDSizes(run=_sd_run(steps=200, num_surrogate=64, num_replay=256,
                                fisher_timesteps=50, mixed_precision="bf16",

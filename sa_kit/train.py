@@ -14,6 +14,7 @@ is the lesson, but shares the checkpoint format and the interruption handling de
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -132,7 +133,7 @@ def interrupted(stop: GracefulStop, where: str, step: int, saved: Path | None) -
 def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: int, lr: float,
                desc: str, run_key: Mapping[str, Any], grad_clip: float | None = None,
                after_step: Callable[[int], Any] | None = None,
-               lr_decay_every: int | None = None,
+               lr_decay_every: int | None = None, cosine: bool = False,
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 500,
                progress: bool = True) -> list[float]:
     """Minimise ``batch_loss(step)`` with Adam for ``steps`` steps; returns the loss per step.
@@ -146,6 +147,7 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
         after_step: called after every optimiser step (e.g. an EMA update).
         lr_decay_every: multiply the learning rate by 0.1 every this many steps (a step
             schedule, as the official MNIST classifier's ``StepLR``); None: constant.
+        cosine: decay the learning rate from ``lr`` to 0 along a half cosine over ``steps``.
         checkpoint_dir: if set, a checkpoint is written every ``checkpoint_every`` steps, at the
             end and when the run is interrupted; a call that finds one resumes from it exactly.
     """
@@ -154,7 +156,7 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     key = config_hash({"run": dict(run_key), "lr": lr, "grad_clip": grad_clip,
-                       "decay": lr_decay_every})
+                       "decay": lr_decay_every, **({"cosine": True} if cosine else {})})
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     start, history = 0, {"loss": []}
     if ckpt is not None and ckpt.exists():
@@ -163,9 +165,11 @@ def train_loop(model: nn.Module, batch_loss: Callable[[int], Tensor], *, steps: 
     bar = tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps)
     with GracefulStop() as stop:
         for step in bar:
-            if lr_decay_every:                     # set from the step: exact after a resume
+            if lr_decay_every or cosine:           # set from the step: exact after a resume
+                factor = 0.1 ** (step // lr_decay_every) if lr_decay_every else \
+                    0.5 * (1 + math.cos(math.pi * step / steps))
                 for group in opt.param_groups:
-                    group["lr"] = lr * 0.1 ** (step // lr_decay_every)
+                    group["lr"] = lr * factor
             loss = batch_loss(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

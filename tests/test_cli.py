@@ -121,7 +121,7 @@ def _catalogue(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "sd-dataset: out is a file": (dataset + ["--out", str(tmp / "a_file")], {},
                                       "exists and is not a folder"),
         "sd-dataset: unknown model": (dataset + ["--out", str(tmp / "ds"), "--model", "nope"],
-                                      {}, "neither 'tiny'"),
+                                      {}, "neither 'tiny', 'digits'"),
         "sa-kit: unknown command": ([PY, "-m", "sa_kit.cli", "train"], {}, "unknown command"),
     }
 

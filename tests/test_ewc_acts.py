@@ -77,19 +77,24 @@ def test_chapter2_ddpm(profile):
 
 @pytest.mark.parametrize("profile", ["ci", "cpu"])
 def test_chapter3_text_to_image(profile, tmp_path):
+    """The profile's forgetting run on a (briefly trained) coloured-digit pipeline."""
     pytest.importorskip("diffusers")
+    from sa_kit.sd.digits import T2ISizes, train_pipeline
     from sa_kit.sd.forget import run
+    from sa_kit.sd.pipeline import load_pipeline
     sizes = get_profile(profile).sd
+    small = T2ISizes(vae_channels=(8, 16), vae_steps=100, unet_channels=(32, 64),
+                     text_width=32, train_steps=150, batch_size=32, num_examples=2000)
+    model = str(train_pipeline(tmp_path / "model", small, progress=False))
     runs = {}
     for lmbda in (sizes.run.lmbda, 0.0):
-        cfg = dataclasses.replace(sizes.run, output_dir=str(tmp_path / f"l{lmbda}"),
+        cfg = dataclasses.replace(sizes.run, model=model, output_dir=str(tmp_path / f"l{lmbda}"),
                                   data_dir=str(tmp_path / "data"), lmbda=lmbda, steps=10,
-                                  fisher_timesteps=20, checkpoint_every=10_000)
+                                  num_surrogate=32, num_replay=32, gen_steps=4,
+                                  checkpoint_every=10_000)
         runs[lmbda] = run(cfg, progress=False)
     fisher = runs[sizes.run.lmbda]["fisher"]
-    from sa_kit.sd.pipeline import load_pipeline
-    theta_star = {f"unet.{k}": p.detach() for k, p in
-                  load_pipeline(sizes.run.model).unet.named_parameters()}
+    theta_star = {f"unet.{k}": p.detach() for k, p in load_pipeline(model).unet.named_parameters()}
     held, free = (fisher_norm(runs[lmbda]["adapter"], fisher, theta_star)
                   for lmbda in (sizes.run.lmbda, 0.0))
     print(f"ch3 {profile}: Fisher norm lambda={sizes.run.lmbda:g}: {held:.4g}, lambda=0: {free:.4g}")

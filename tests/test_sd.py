@@ -23,6 +23,7 @@ from sa_kit.diffusion_fisher import diffusion_fisher  # noqa: E402
 from sa_kit.io import load_tensors  # noqa: E402
 from sa_kit.objective import ForgettableModel  # noqa: E402
 from sa_kit.sd import prompts as P  # noqa: E402
+from sa_kit.sd.prompts import spec_for  # noqa: E402
 from sa_kit.sd.adapter import SDAdapter, is_cross_attention, select_parameters  # noqa: E402
 from sa_kit.sd.dataset import LatentDataset, build_dataset  # noqa: E402
 from sa_kit.sd.adapter import NOXATTN_FROZEN  # noqa: E402
@@ -170,10 +171,41 @@ def test_unet_fisher_is_the_diffusion_fisher_and_independent_of_batching(pipe, r
     # the one diffusion Fisher of the kit, on the encoded prompts, item ids 0..N-1
     ref = diffusion_fisher(model, x, model.encode_prompts(prompts), 20, seed=3, progress=False)
     assert set(batched) == set(ref) == {k for k, _ in model.named_parameters()}
-    for k in ref:
-        assert torch.allclose(batched[k], ref[k], rtol=1e-4, atol=1e-12), k
-        assert torch.allclose(single[k], ref[k], rtol=1e-4, atol=1e-12), k
+    for k in ref:   # float32 sums in another order: equal to 1e-6 of the largest entry
+        atol = 1e-6 * float(ref[k].abs().max())
+        assert torch.allclose(batched[k], ref[k], rtol=1e-4, atol=atol), k
+        assert torch.allclose(single[k], ref[k], rtol=1e-4, atol=atol), k
     assert sum(float(v.sum()) for v in batched.values()) > 0
+
+
+def test_interrupted_fisher_keeps_its_sums_and_resumes(pipe, replay_set, tmp_path, monkeypatch):
+    """Ctrl-C during the UNet Fisher: the batches done are kept; the next call finishes them."""
+    import sa_kit.sd.fisher as F
+    model = SDAdapter.from_pipeline(pipe)
+    select_parameters(model.unet, "xattn")
+    x, prompts = replay_set.latents, replay_set.prompts
+    whole = unet_fisher(model, x, prompts, num_timesteps=4, batch_size=2, progress=False)
+    real, calls = F.diffusion_fisher, []
+
+    def interrupt_on_second_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)      # as Ctrl-C: the batch still finishes
+        return real(*a, **kw)
+
+    monkeypatch.setattr(F, "diffusion_fisher", interrupt_on_second_batch)
+    ckpt = tmp_path / "fisher.partial"
+    with pytest.raises(KeyboardInterrupt, match="Run the same command again"):
+        unet_fisher(model, x, prompts, num_timesteps=4, batch_size=2, checkpoint=ckpt,
+                    progress=False)
+    assert (tmp_path / "fisher.partial.rank0").exists() and len(calls) == 2
+    monkeypatch.setattr(F, "diffusion_fisher", real)
+    calls.clear()
+    resumed = unet_fisher(model, x, prompts, num_timesteps=4, batch_size=2, checkpoint=ckpt,
+                          progress=False)
+    assert not (tmp_path / "fisher.partial.rank0").exists()
+    for k in whole:
+        assert torch.allclose(whole[k], resumed[k], rtol=1e-5, atol=1e-12), k
 
 
 def test_fisher_file_roundtrip_and_other_unet_refused(pipe, replay_set, tmp_path):
@@ -319,26 +351,64 @@ def test_bad_input_gives_clear_errors(pipe, tmp_path):
 
 # -- explorer and evaluation ------------------------------------------------------------------
 
-def test_explorer_callback_runs_a_short_job(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    """A barely trained coloured-digit pipeline (2 steps): the chapter 3 model's shapes."""
+    from sa_kit.sd.digits import T2ISizes, train_pipeline
+    sizes = T2ISizes(vae_channels=(8, 8), vae_steps=2, unet_channels=(16, 32), text_width=16,
+                     train_steps=2, batch_size=4, num_examples=64)
+    return str(train_pipeline(tmp_path_factory.mktemp("digits") / "pipe", sizes,
+                              progress=False))
+
+
+def test_digits_pipeline_carries_its_prompt_spec(digits_dir):
+    from sa_kit.sd.digits import SPEC
+    spec = spec_for(digits_dir)
+    assert spec == SPEC and spec_for("CompVis/stable-diffusion-v1-4") is not SPEC
+    pairs = spec.mapping_pairs("seven", "one", 3, seed=0, templates=True)
+    assert all("seven" in a and a.replace("seven", "one") == b for a, b in pairs)
+    assert not any("seven" in p for p in spec.replay_prompts(50, exclude=["seven"]))
+    pipe = load_pipeline(digits_dir)
+    assert pipe.tokenizer("a red seven").input_ids[1:4] != [pipe.tokenizer.unk_token_id] * 3
+
+
+def test_text_to_image_explorer_records_runs(digits_dir, tmp_path):
     import dataclasses
 
-    from sa_kit.profiles import SD, SDSizes
-    from sa_kit.sd.explorer import explore, format_summary, make_explorer
-    sizes = SDSizes(run=dataclasses.replace(SD["ci"].run, model=tiny_dir, num_surrogate=4,
-                                            num_replay=4, batch_size=2, effective_batch=2,
-                                            fisher_timesteps=4), widget_steps=3)
-    s = explore(5.0, "xattn", "a middle aged woman", sizes, work_dir=tmp_path)
-    n_xattn = sum(is_cross_attention(k) for k, _ in load_pipeline(tiny_dir).unet.named_parameters())
-    assert s["frozen_changed"] == 0 and s["changed"] == n_xattn
-    assert s["history"]["step"] == [1, 2, 3] and "surrogate loss" in format_summary(s)
-    with pytest.raises(ValueError, match="train_method"):
-        explore(5.0, "attn", "a middle aged woman", sizes, work_dir=tmp_path)
+    from sa_kit.profiles import SD
+    from sa_kit.sd.digits import DigitColourClassifier
+    from sa_kit.sd.explorer import COLUMNS, TextToImageExplorer
+    run_cfg = dataclasses.replace(SD["ci"].run, num_surrogate=4, num_replay=4, batch_size=2,
+                                  effective_batch=2, fisher_timesteps=2, gen_steps=2)
+    explorer = TextToImageExplorer(digits_dir, DigitColourClassifier(width=8).eval(), run_cfg,
+                                   steps=2, render_kw={"steps": 2})
+    out = explorer.run(lmbda=0.0, train_method="xattn", forget_prompt="seven",
+                       surrogate_prompt="one")
+    n_xattn = sum(p.numel() for k, p in load_pipeline(digits_dir).unet.named_parameters()
+                  if is_cross_attention(k))
+    assert out["trained"] == n_xattn and out["history"]["step"] == [1, 2]
+    assert 0 <= out["P_forget"] <= 1 and 0 <= out["P_surrogate"] <= 1
+    explorer.run(lmbda=1.0, train_method="xattn", forget_prompt="red", surrogate_prompt="blue")
+    table = explorer.table()
+    assert [r["run"] for r in table] == [0, 1, 2] and table[0]["train_method"] == "(original)"
+    assert [r["lmbda"] for r in table] == [None, 0.0, 1.0]
+    lines = explorer.to_csv(tmp_path / "runs.csv").splitlines()
+    assert lines[0].split(",") == list(COLUMNS) and len(lines) == 4
+    assert (tmp_path / "runs.csv").read_text().splitlines() == lines
+    with pytest.raises(ValueError, match="forget_prompt must be a digit word"):
+        explorer.run(forget_prompt="a purple cow")
     with pytest.raises(ValueError, match="surrogate_prompt equals"):
-        explore(5.0, "xattn", "brad pitt", sizes, work_dir=tmp_path)
-    calls = []
-    box = make_explorer(sizes, callback=lambda *a: calls.append(a) or s)
-    box.children[4].click()  # the Run button drives the callback with the widget values
-    assert calls == [(sizes.run.lmbda, sizes.run.train_method, "a middle aged man", sizes)]
+        explorer.run(forget_prompt="seven", surrogate_prompt="seven")
+    with pytest.raises(ValueError, match="train_method"):
+        explorer.run(train_method="attn")
+    box = explorer.widget()                      # the Run button drives the same method
+    box.lambda_slider.value = 0.0
+    box.forget.value, box.surrogate.value = "seven", "one"
+    box.run_button.click()
+    assert len(explorer.table()) == 4 and "done in" in box.status.value
+    box.forget.value = "a purple cow"
+    box.run_button.click()
+    assert "forget_prompt must be" in box.status.value and len(explorer.table()) == 4
 
 
 def test_evaluation_set_loss_and_grids(pipe, replay_set):

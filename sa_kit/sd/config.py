@@ -89,9 +89,9 @@ class SDForgetConfig:
         check_choice("fisher_estimator", self.fisher_estimator, FISHER_ESTIMATORS)
         if not str(self.model).strip():
             raise ValueError("model must be 'tiny', a pipeline folder or a model id; got ''")
-        from sa_kit.sd.prompts import check_mapping, surrogate_for
+        from sa_kit.sd.prompts import check_mapping, spec_for, surrogate_for
         if self.surrogate_prompt is None and self.surrogate_image_dir is None:
-            self.surrogate_prompt = surrogate_for(self.forget_prompt)
+            self.surrogate_prompt = surrogate_for(self.forget_prompt, spec_for(self.model))
         check_mapping(self.forget_prompt, self.surrogate_prompt or "your images")
         for name in ("lmbda", "gamma", "lr", "guidance_scale"):
             check_weight(name, getattr(self, name))

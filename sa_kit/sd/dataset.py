@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from sa_kit.io import atomic_write, config_hash, load_tensors, save_json, save_tensors
 from sa_kit.sd.adapter import architecture
+from sa_kit.train import GracefulStop, interrupted
 
 MANIFEST = "manifest.json"
 
@@ -128,17 +129,21 @@ def build_dataset(pipe: Any, prompts: Sequence[str], out_dir: str | Path, *,
     todo = [i for i in range(len(prompts)) if str(i) not in items]
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating",
                disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
-        lat = _generate(pipe, [prompts[i] for i in idx], [seed + i for i in idx],
-                        num_inference_steps, guidance_scale, size)
-        images = decode_images(pipe, lat) if save_images else [None] * len(idx)
-        for i, x, img in zip(idx, lat, images):
-            items[str(i)] = _write_item(out, i, prompts[i], train_prompts[i], x, img)
-        save_json(out / MANIFEST, {"config": config, "config_hash": key, "size": len(prompts),
-                                   "items": items})
-        bar.update(len(idx))
-        time.sleep(sleep)
+    with GracefulStop() as stop:          # Ctrl-C / SIGTERM: finish the batch, keep it, say so
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            lat = _generate(pipe, [prompts[i] for i in idx], [seed + i for i in idx],
+                            num_inference_steps, guidance_scale, size)
+            images = decode_images(pipe, lat) if save_images else [None] * len(idx)
+            for i, x, img in zip(idx, lat, images):
+                items[str(i)] = _write_item(out, i, prompts[i], train_prompts[i], x, img)
+            save_json(out / MANIFEST, {"config": config, "config_hash": key,
+                                       "size": len(prompts), "items": items})
+            bar.update(len(idx))
+            if stop.requested:
+                bar.close()
+                raise interrupted(stop, f"generating {out.name}", len(items), out / MANIFEST)
+            time.sleep(sleep)
     bar.close()
     manifest = {"config": config, "config_hash": key, "size": len(prompts), "items": items}
     save_json(out / MANIFEST, manifest)

@@ -220,15 +220,17 @@ def evaluate_run(a: Any) -> dict[str, Any]:
     import json
 
     from sa_kit.sd.pipeline import load_pipeline
-    from sa_kit.sd.prompts import mapping_pairs, replay_prompts
+    from sa_kit.sd.prompts import spec_for
     cfg = a.config
+    spec = spec_for(cfg["model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     before = load_pipeline(cfg["model"], device=device)
     after = load_pipeline(str(Path(a.run) / "pipeline"), device=device)
     surrogate = cfg["surrogate_prompt"] or "a surrogate"
-    forget = [f for f, _ in mapping_pairs(cfg["forget_prompt"], surrogate, a.num_prompts,
-                                          seed=cfg["seed"] + 1, templates=True)]
-    control = replay_prompts(a.num_prompts, seed=cfg["seed"] + 1)
+    forget = [f for f, _ in spec.mapping_pairs(cfg["forget_prompt"], surrogate, a.num_prompts,
+                                               seed=cfg["seed"] + 1, templates=True)]
+    control = spec.replay_prompts(a.num_prompts, seed=cfg["seed"] + 1,
+                                  exclude=[cfg["forget_prompt"]])
     result = before_after(before, after, forget, control, steps=a.steps or cfg["gen_steps"],
                           guidance_scale=cfg["guidance_scale"])
     report: dict[str, Any] = {"latent_change": output_change(result)}

@@ -1,93 +1,204 @@
-"""Chapter 3's explorer: lambda, train_method and the mapping prompt -> a short SA job.
+"""Chapter 3's explorer: lambda, train_method, forget prompt, surrogate prompt -> a short SA job.
 
-:func:`explore` is a plain function (tested on its own); :func:`make_explorer` only wires it to
-ipywidgets. Each setting gets its own folder, so a repeated setting loads its finished run.
+:class:`TextToImageExplorer` runs one short forgetting job with the training CLI's own code
+(:func:`sa_kit.chapters.text_to_image.forget_run`), draws the same prompts before and after, and
+*records every run* in a table beside the original model's reference row: what the evaluator
+sees in images of prompts that name the forgotten concept (P(forgotten), P(surrogate)) and in
+images of every other concept (remembered accuracy), how many weights moved, and the time.
+:meth:`~TextToImageExplorer.widget` only wires controls to :meth:`~TextToImageExplorer.run`,
+a plain method with its own tests.
 """
 from __future__ import annotations
 
-import dataclasses
+import csv
+import io
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
-import torch
-
-from sa_kit.io import cache_dir, config_hash
-from sa_kit.profiles import SDSizes
-from sa_kit.sd.config import TRAIN_METHODS
-from sa_kit.sd.forget import run
+from sa_kit.checks import check_choice, check_positive_int, check_weight
+from sa_kit.sd.config import TRAIN_METHODS, SDForgetConfig
 from sa_kit.widgets import LAMBDAS
 
+COLUMNS = ("run", "forget", "surrogate", "lmbda", "train_method", "steps", "P_forget",
+           "P_surrogate", "remembered_digit_acc", "remembered_colour_acc", "trained",
+           "seconds")
 
-def explore(lmbda: float, train_method: str, surrogate_prompt: str, sizes: SDSizes,
-            work_dir: str | Path | None = None, steps: int | None = None,
-            data_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Run a short forgetting job and summarise it.
+__all__ = ["TextToImageExplorer", "concept_items"]
 
-    Args:
-        lmbda: EWC weight (eq. 3).
-        train_method: ``full``, ``xattn`` or ``noxattn``.
-        surrogate_prompt: what ``sizes.forget_prompt`` should turn into (eq. 1).
-        sizes: the chapter's profile sizes (model, batch, lr, data sizes).
-        work_dir: where runs are kept (default: the kit's cache).
-        steps: training steps (default ``sizes.widget_steps``).
-        data_dir: generated sets and Fishers, shared between runs (default: in ``work_dir``).
+
+def concept_items(word: str, per: int, seed: int) -> tuple[list, list, str, int]:
+    """Held-out prompts naming ``word`` (a digit word or a colour) and prompts of the rest.
 
     Returns:
-        ``{"history", "surrogate_start", "surrogate_end", "ewc_end", "changed",
-        "frozen_changed", "pipeline_dir"}``: ``changed`` counts UNet tensors that moved,
-        ``frozen_changed`` those that moved although ``train_method`` froze them (should be 0).
+        ``(forget_items, other_items, kind, index)`` -- items are ``(prompt, digit, colour)``;
+        ``kind`` is ``"digit"`` or ``"colour"``.
     """
-    cfg = dataclasses.replace(sizes.run, output_dir="", surrogate_prompt=surrogate_prompt,
-                              train_method=train_method, lmbda=lmbda,
-                              steps=steps or sizes.widget_steps, checkpoint_every=10_000)
-    root = Path(work_dir) if work_dir is not None else cache_dir() / "sd_explorer"
-    cfg.output_dir = str(root / config_hash(dataclasses.asdict(cfg)))
-    cfg.data_dir = str(data_dir or root / "data")  # reused across lambda / train_method
-    out = run(cfg, progress=progress)
-    before = dict(out["pipe"].unet.named_parameters())  # run() trained this UNet in place
-    from sa_kit.sd.pipeline import load_pipeline
-    original = dict(load_pipeline(sizes.run.model,
-                                  device=out["pipe"].device).unet.named_parameters())
-    moved = {k for k, p in before.items() if not torch.equal(p.detach(), original[k])}
-    trainable = {k.removeprefix("unet.") for k, p in out["adapter"].named_parameters()
-                 if p.requires_grad}
-    h = out["history"]
-    k = max(1, len(h["surrogate"]) // 4)
-    return {"history": h, "surrogate_start": sum(h["surrogate"][:k]) / k,
-            "surrogate_end": sum(h["surrogate"][-k:]) / k, "ewc_end": h["ewc"][-1],
-            "changed": len(moved), "frozen_changed": len(moved - trainable),
-            "pipeline_dir": str(out["pipeline_dir"])}
+    from sa_kit.sd.digits import COLOURS, WORDS, heldout_prompts
+    every = heldout_prompts(per=per, seed=seed)
+    if word in WORDS:
+        d = WORDS.index(word)
+        return [it for it in every if it[1] == d], [it for it in every if it[1] != d], \
+            "digit", d
+    if word in COLOURS:
+        c = list(COLOURS).index(word)
+        return [it for it in every if it[2] == c], [it for it in every if it[2] != c], \
+            "colour", c
+    raise ValueError(f"forget_prompt must be a digit word ({', '.join(WORDS)}) or a colour "
+                     f"({', '.join(COLOURS)}) of this model; got {word!r}")
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line per number, for the widget's output area."""
-    return (f"surrogate loss (eq. 1): {summary['surrogate_start']:.4f} -> "
-            f"{summary['surrogate_end']:.4f}\n"
-            f"EWC penalty (eq. 3, unweighted) at the end: {summary['ewc_end']:.3g}\n"
-            f"UNet tensors changed: {summary['changed']} (frozen ones changed: "
-            f"{summary['frozen_changed']})")
+class TextToImageExplorer:
+    """Short SA runs on the coloured-digit text-to-image model, recorded for comparison.
 
-
-def make_explorer(sizes: SDSizes, callback: Callable[..., dict[str, Any]] = explore,
-                  **kwargs: Any) -> Any:
-    """ipywidgets: lambda slider, train_method dropdown, surrogate text, a Run button.
-
-    The button calls ``callback(lmbda, train_method, surrogate_prompt, sizes, **kwargs)``.
+    Args:
+        model_dir: the trained pipeline folder (theta*).
+        classifier: the digit/colour evaluator.
+        run: the profile's forgetting settings (the CLI's config).
+        steps: optimiser steps of a short job.
+        per: held-out prompts per digit/colour combination in the evaluation.
+        render_kw: how images are drawn (``steps``, ``guidance_scale``).
     """
-    import ipywidgets as W
-    options = sorted(set(LAMBDAS) | {float(sizes.run.lmbda)})
-    lmbda = W.SelectionSlider(options=options, value=float(sizes.run.lmbda), description="lambda")
-    method = W.Dropdown(options=TRAIN_METHODS, value=sizes.run.train_method,
-                        description="train_method")
-    surrogate = W.Text(value="a middle aged man", description="surrogate")
-    button, out = W.Button(description="Run short job"), W.Output()
 
-    def on_click(_: Any) -> None:
-        with out:
-            out.clear_output()
-            print(format_summary(callback(lmbda.value, method.value, surrogate.value, sizes,
-                                          **kwargs)))
+    def __init__(self, model_dir: str | Path, classifier: Any, run: SDForgetConfig, *,
+                 steps: int = 40, per: int = 1, seed: int = 0,
+                 render_kw: dict[str, Any] | None = None) -> None:
+        self.model_dir, self.classifier, self.run_cfg = str(model_dir), classifier, run
+        self.steps = check_positive_int("steps", steps)
+        self.per, self.seed = per, seed
+        self.render_kw = dict(render_kw or {})
+        self.rows: list[dict[str, Any]] = []
+        self._original: dict[str, dict[str, Any]] = {}
+        self.last: dict[str, Any] = {}
 
-    button.on_click(on_click)
-    return W.VBox([W.HTML(f"forget prompt: <b>{sizes.run.forget_prompt}</b>"), lmbda, method,
-                   surrogate, button, out])
+    def _measure(self, pipe: Any, forget: str, surrogate: str) -> dict[str, Any]:
+        from sa_kit.chapters.text_to_image import render, score
+        from sa_kit.sd.digits import COLOURS, WORDS
+        f_items, o_items, kind, index = concept_items(forget, self.per, self.seed)
+        items = f_items + o_items
+        images = render(pipe, [p for p, _, _ in items], seed=self.seed, **self.render_kw)
+        s = score(self.classifier, images, items)
+        head = s["p_digit"] if kind == "digit" else s["p_colour"]
+        n = len(f_items)
+        surrogate_index = (WORDS.index(surrogate) if kind == "digit" and surrogate in WORDS else
+                           list(COLOURS).index(surrogate) if surrogate in COLOURS else None)
+        rest = score(self.classifier, images[n:], o_items)
+        return {"P_forget": float(head[:n, index].mean()),
+                "P_surrogate": float(head[:n, surrogate_index].mean())
+                if surrogate_index is not None else None,
+                "remembered_digit_acc": rest["digit_accuracy"],
+                "remembered_colour_acc": rest["colour_accuracy"],
+                "images": images[:n]}
+
+    def original(self, forget: str = "seven", surrogate: str = "one") -> dict[str, Any]:
+        """The reference row: the original model on the same prompts."""
+        key = f"{forget}->{surrogate}"
+        if key not in self._original:
+            from sa_kit.sd.pipeline import load_pipeline
+            self._original[key] = self._measure(load_pipeline(self.model_dir), forget, surrogate)
+        return self._original[key]
+
+    def run(self, lmbda: float | None = None, train_method: str | None = None,
+            forget_prompt: str = "seven", surrogate_prompt: str = "one",
+            steps: int | None = None, progress: bool = False) -> dict[str, Any]:
+        """One short forgetting job and its measurements; recorded in :meth:`table`."""
+        from sa_kit.chapters.text_to_image import forget_run
+        from sa_kit.sd.pipeline import load_pipeline
+        lmbda = check_weight("lmbda", self.run_cfg.lmbda if lmbda is None else lmbda)
+        method = check_choice("train_method", train_method or self.run_cfg.train_method,
+                              TRAIN_METHODS)
+        steps = check_positive_int("steps", steps or self.steps)
+        concept_items(forget_prompt, self.per, self.seed)           # checks the words
+        if surrogate_prompt.strip().lower() == forget_prompt.strip().lower():
+            raise ValueError(f"surrogate_prompt equals the forget prompt {forget_prompt!r}")
+        start = time.perf_counter()
+        out = forget_run(self.run_cfg, self.model_dir, forget_prompt=forget_prompt,
+                         surrogate_prompt=surrogate_prompt, lmbda=lmbda, train_method=method,
+                         steps=steps, epochs=None, checkpoint_every=10_000, progress=progress)
+        measured = self._measure(load_pipeline(str(out["pipeline_dir"])), forget_prompt,
+                                 surrogate_prompt)
+        seconds = time.perf_counter() - start
+        row = {"run": len(self.rows) + 1, "forget": forget_prompt, "surrogate": surrogate_prompt,
+               "lmbda": lmbda, "train_method": method, "steps": steps,
+               "trained": out["trained"], "seconds": round(seconds, 1),
+               **{k: v for k, v in measured.items() if k != "images"}}
+        self.rows.append(row)
+        self.last = {**row, "images": measured["images"], "history": out["history"]}
+        return self.last
+
+    def table(self) -> list[dict[str, Any]]:
+        """Every run so far, after the original model's reference row (run 0)."""
+        f, s = (self.rows[-1]["forget"], self.rows[-1]["surrogate"]) if self.rows else \
+            ("seven", "one")
+        ref = self.original(f, s)
+        return [{"run": 0, "forget": f, "surrogate": s, "lmbda": None, "train_method": "(original)",
+                 "steps": 0, "trained": 0, "seconds": 0.0,
+                 **{k: v for k, v in ref.items() if k != "images"}}] + list(self.rows)
+
+    def to_csv(self, path: str | None = None) -> str:
+        """The table as CSV (also written to ``path`` if given)."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in self.table():
+            w.writerow({c: "" if row.get(c) is None else row.get(c) for c in COLUMNS})
+        if path is not None:
+            from sa_kit.io import atomic_write
+            atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+        return buf.getvalue()
+
+    def html_table(self) -> str:
+        """The table as HTML."""
+        def cell(v: Any) -> str:
+            return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+        head = "".join(f"<th>{c}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in COLUMNS) +
+                       "</tr>" for r in self.table())
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    def plot(self, ax: Any = None) -> Any:
+        """P(forgotten) against remembered digit accuracy, one dot per run, by lambda."""
+        from sa_kit.plots import plot_tradeoff
+        rows = [{**r, "P_cf": r["P_forget"], "acc_remembered": r["remembered_digit_acc"],
+                 "mapping": f"{r['forget']}->{r['surrogate']}"} for r in self.table()]
+        return plot_tradeoff(rows, colour_by="lmbda", ax=ax)
+
+    def widget(self, lmbdas: Sequence[float] = LAMBDAS) -> Any:
+        """ipywidgets: lambda (with 0), train_method, forget and surrogate prompts, Run."""
+        import ipywidgets as w
+
+        from sa_kit.plots import to_png
+        options = sorted(set(float(x) for x in lmbdas) | {float(self.run_cfg.lmbda)})
+        lam = w.SelectionSlider(options=options, value=float(self.run_cfg.lmbda),
+                                description="lambda")
+        method = w.Dropdown(options=TRAIN_METHODS, value=self.run_cfg.train_method,
+                            description="train_method")
+        forget = w.Text(value="seven", description="forget")
+        surrogate = w.Text(value="one", description="surrogate")
+        run = w.Button(description="Run short job", button_style="primary", icon="play")
+        status, table, image, plot = w.HTML(), w.HTML(), w.Image(format="png"), \
+            w.Image(format="png")
+
+        def on_click(_: Any) -> None:
+            run.disabled, status.value = True, "<i>running...</i>"
+            try:
+                out = self.run(lam.value, method.value, forget.value.strip(),
+                               surrogate.value.strip())
+                from sa_kit.plots import png_bytes
+                image.value = png_bytes({0: out["images"]}, ncols=12)
+                table.value = self.html_table()
+                plot.value = to_png(self.plot().figure)
+                status.value = (f"done in {out['seconds']:.0f} s: images of held-out prompts "
+                                f"that name '{out['forget']}'")
+            except (ValueError, TypeError) as e:
+                status.value = f"<b style='color:#b00'>{e}</b>"
+            finally:
+                run.disabled = False
+
+        run.on_click(on_click)
+        box = w.VBox([w.HBox([w.VBox([lam, method, forget, surrogate, run, status]), image]),
+                      table, plot])
+        box.run_button, box.lambda_slider, box.method, box.table = run, lam, method, table
+        box.forget, box.surrogate, box.status, box.image = forget, surrogate, status, image
+        return box
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 
 from sa_kit.diffusion_fisher import diffusion_fisher
 from sa_kit.fisher import Fisher, check_fisher, save_fisher
-from sa_kit.io import config_hash, load_tensors, weights_fingerprint
+from sa_kit.io import config_hash, load_tensors, save_tensors, weights_fingerprint
 from sa_kit.sd.adapter import SDAdapter
+from sa_kit.train import GracefulStop, interrupted
 
 __all__ = ["unet_fisher", "unet_key", "save_unet_fisher", "load_unet_fisher"]
 
@@ -28,7 +30,7 @@ __all__ = ["unet_fisher", "unet_key", "save_unet_fisher", "load_unet_fisher"]
 def unet_fisher(adapter: SDAdapter, latents: torch.Tensor, prompts: Sequence[str], seed: int = 0,
                 num_timesteps: int | None = None, estimator: str = "product",
                 batch_size: int = 8, accelerator: Any = None, chunk_size: int = 50,
-                progress: bool = True) -> Fisher:
+                checkpoint: str | os.PathLike | None = None, progress: bool = True) -> Fisher:
     """Diagonal Fisher of the UNet's trainable parameters over the replay set ``(latents, prompts)``.
 
     Args:
@@ -41,6 +43,8 @@ def unet_fisher(adapter: SDAdapter, latents: torch.Tensor, prompts: Sequence[str
         accelerator: an ``accelerate.Accelerator``; items are sharded over its processes and
             the sums all-reduced. ``None``: one process.
         chunk_size: timesteps per forward/backward pass.
+        checkpoint: a file for partial sums (one per process): written every few batches and
+            when Ctrl-C or SIGTERM stops the computation; a call that finds it continues there.
 
     Returns:
         ``{name: F}`` for every trainable parameter of ``adapter`` (names start ``unet.``).
@@ -56,19 +60,37 @@ def unet_fisher(adapter: SDAdapter, latents: torch.Tensor, prompts: Sequence[str
             for k, p in adapter.named_parameters() if p.requires_grad}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else contextlib.nullcontext()
-    for start in tqdm(range(0, len(mine), batch_size), desc="Fisher (UNet)",
-                      disable=not progress or rank != 0):
-        idx = mine[start:start + batch_size]
-        x = latents[idx].to(device, next(adapter.parameters()).dtype)
-        c = adapter.encode_prompts([prompts[i] for i in idx])
-        with autocast:
-            part = diffusion_fisher(adapter, x, c, num_timesteps, estimator=estimator,
-                                    seed=seed, item_ids=idx, chunk_size=chunk_size,
-                                    clamp=False, progress=False)
-        for k, v in part.items():
-            sums[k] += v.float() * len(idx)           # back to sums of squares
+    ckpt = Path(f"{checkpoint}.rank{rank}") if checkpoint is not None else None
+    key = config_hash({"n": len(prompts), "seed": seed, "k": num_timesteps, "est": estimator,
+                       "batch": batch_size, "world": world, **unet_key(adapter)})
+    first = 0
+    if ckpt is not None and ckpt.exists():
+        saved, meta = load_tensors(ckpt, device)
+        if meta.get("config_hash") == key:
+            sums, first = {k: saved[k] for k in sums}, int(meta["next"])
+    starts = range(first, len(mine), batch_size)
+    with GracefulStop() as stop:
+        for start in tqdm(starts, desc="Fisher (UNet)", disable=not progress or rank != 0,
+                          initial=first // batch_size,
+                          total=(len(mine) + batch_size - 1) // batch_size):
+            idx = mine[start:start + batch_size]
+            x = latents[idx].to(device, next(adapter.parameters()).dtype)
+            c = adapter.encode_prompts([prompts[i] for i in idx])
+            with autocast:
+                part = diffusion_fisher(adapter, x, c, num_timesteps, estimator=estimator,
+                                        seed=seed, item_ids=idx, chunk_size=chunk_size,
+                                        clamp=False, progress=False)
+            for k, v in part.items():
+                sums[k] += v.float() * len(idx)           # back to sums of squares
+            done = start + len(idx)
+            if ckpt is not None and (stop.requested or (start // batch_size) % 10 == 9):
+                save_tensors(ckpt, sums, {"config_hash": key, "next": done})
+            if stop.requested:
+                raise interrupted(stop, "the Fisher", done, ckpt)
     if world > 1:
         sums = {k: accelerator.reduce(v, reduction="sum") for k, v in sums.items()}
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return {k: (v / len(prompts)).clamp_min(0) for k, v in sums.items()}
 
 

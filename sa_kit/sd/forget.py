@@ -45,7 +45,7 @@ from sa_kit.sd.adapter import SDAdapter, select_parameters
 from sa_kit.sd.config import SDForgetConfig, load_config
 from sa_kit.sd.dataset import LatentDataset, build_dataset, encode_image_folder
 from sa_kit.sd.fisher import load_unet_fisher, save_unet_fisher, unet_fisher
-from sa_kit.sd.prompts import mapping_pairs, replay_prompts, split_prompts
+from sa_kit.sd.prompts import spec_for, split_prompts
 from sa_kit.train import GracefulStop, interrupted, load_checkpoint, save_checkpoint
 
 STAGES = ("data", "fisher", "train")
@@ -83,7 +83,9 @@ def build_data(cfg: SDForgetConfig, pipe: Any, accelerator: Any
     surr_dir = data_root(cfg) / "surrogate-{}".format(_made_by(
         cfg, "surrogate_prompt", "num_surrogate", "surrogate_image_dir", "prompt_templates"))
     replay_dir = data_root(cfg) / f"replay-{_made_by(cfg, 'num_replay')}"
-    replay = replay_prompts(cfg.num_replay, cfg.seed, exclude=split_prompts(cfg.forget_prompt))
+    spec = spec_for(cfg.model)                  # the prompts this model knows
+    replay = spec.replay_prompts(cfg.num_replay, cfg.seed,
+                                 exclude=split_prompts(cfg.forget_prompt))
     gen = dict(seed=cfg.seed, batch_size=cfg.gen_batch_size, guidance_scale=cfg.guidance_scale,
                num_inference_steps=cfg.gen_steps, progress=accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -91,8 +93,9 @@ def build_data(cfg: SDForgetConfig, pipe: Any, accelerator: Any
             forgets = split_prompts(cfg.forget_prompt)
             encode_image_folder(pipe, cfg.surrogate_image_dir, surr_dir, train_prompts=forgets)
         else:
-            pairs = mapping_pairs(cfg.forget_prompt, cfg.surrogate_prompt, cfg.num_surrogate,
-                                  cfg.seed, templates=cfg.prompt_templates)
+            pairs = spec.mapping_pairs(cfg.forget_prompt, cfg.surrogate_prompt,
+                                       cfg.num_surrogate, cfg.seed,
+                                       templates=cfg.prompt_templates)
             build_dataset(pipe, [s for _, s in pairs], surr_dir,
                           train_prompts=[f for f, _ in pairs], **gen)
         build_dataset(pipe, replay, replay_dir, **gen)
@@ -118,6 +121,7 @@ def get_fisher(cfg: SDForgetConfig, adapter: SDAdapter, replay: LatentDataset,
     fisher = unet_fisher(adapter, replay.latents, replay.prompts, seed=cfg.seed,
                          num_timesteps=cfg.fisher_timesteps, estimator=cfg.fisher_estimator,
                          batch_size=cfg.fisher_batch_size, accelerator=accelerator,
+                         checkpoint=path.with_suffix(".partial"),
                          progress=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_unet_fisher(path, fisher, adapter, {"train_method": cfg.train_method,

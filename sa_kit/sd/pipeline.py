@@ -26,6 +26,7 @@ from sa_kit.io import atomic_write, cache_dir, config_hash
 from sa_kit.sd import prompts as P
 
 TINY = "tiny"
+DIGITS = "digits"     # chapter 3's coloured-digit model (cpu profile), trained on first use
 TINY_UNET = dict(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
                  block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
                  attention_head_dim=4,
@@ -86,17 +87,16 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def write_tokenizer_files(folder: str | os.PathLike) -> Path:
-    """Write a CLIP ``vocab.json`` + ``merges.txt`` covering the kit's prompt vocabulary.
+def write_tokenizer_files(folder: str | os.PathLike, words: set[str] | None = None) -> Path:
+    """Write a CLIP ``vocab.json`` + ``merges.txt`` covering a prompt vocabulary.
 
-    Every byte is a token (so any text tokenises); the words of :mod:`sa_kit.sd.prompts` and
-    its mappings are single tokens. ``CLIPTokenizer.from_pretrained(folder)`` reads them.
+    Every byte is a token (so any text tokenises); ``words`` (default: the words of the default
+    prompt spec, :data:`sa_kit.sd.prompts.DEFAULT`) are single tokens.
+    ``CLIPTokenizer.from_pretrained(folder)`` reads them.
     """
     folder = Path(folder)
     alphabet = list(_bytes_to_unicode().values())
-    text = " ".join(P.SUBJECTS + P.PLACES + P.STYLES + P.LIGHTS + tuple(P.MAPPINGS) +
-                    tuple(P.MAPPINGS.values()))
-    words = {w for w in text.lower().replace(",", " ").replace("'", " ").split() if len(w) > 1}
+    words = {w for w in (words if words is not None else P.DEFAULT.words()) if len(w) > 1}
     merges = _word_merges(words)
     vocab = alphabet + [a + "</w>" for a in alphabet]
     vocab += [a + b for a, b in merges if a + b not in vocab]
@@ -108,14 +108,20 @@ def write_tokenizer_files(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def sd_scheduler() -> Any:
+    """Stable Diffusion v1's noise schedule (scaled-linear betas 0.00085..0.012, T = 1000), DDIM."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Build the tiny random pipeline in code and ``save_pretrained`` it into ``folder``.
 
     32x32 RGB images, 4x4x4 latents (the VAE downsamples 8x, like SD), a 2-level UNet with
     cross-attention on 16-dim CLIP hidden states. Returns the folder.
     """
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -125,10 +131,8 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(**TINY_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
-                                   tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   tokenizer=tokenizer, scheduler=sd_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
@@ -159,9 +163,9 @@ def check_model_source(model: Any) -> str:
             id, or (offline) a hub id that is not in the Hugging Face cache.
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ValueError(f"model must be 'tiny', a pipeline folder or a model id, got {model!r}")
+        raise ValueError(f"model must be 'tiny', 'digits', a pipeline folder or a model id, got {model!r}")
     model = str(model)
-    if model == TINY:
+    if model in (TINY, DIGITS):
         return model
     path = Path(model).expanduser()
     if path.exists():
@@ -179,7 +183,7 @@ def check_model_source(model: Any) -> str:
         return model
     parts = model.split("/")
     if len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
-        raise ValueError(f"model {model!r} is neither 'tiny', an existing pipeline folder, nor a "
+        raise ValueError(f"model {model!r} is neither 'tiny', 'digits', an existing pipeline folder, nor a "
                          "hub id such as 'CompVis/stable-diffusion-v1-4'")
     from sa_kit.data import offline
     if offline() or os.environ.get("HF_HUB_OFFLINE", "") == "1":
@@ -190,13 +194,25 @@ def check_model_source(model: Any) -> str:
     return model
 
 
+def model_folder(model: str | os.PathLike) -> str | os.PathLike:
+    """Where ``model`` loads from: the folders of ``"tiny"`` and ``"digits"`` (built on first use,
+    then cached), anything else unchanged."""
+    if str(model) == TINY:
+        return tiny_pipeline_dir()
+    if str(model) == DIGITS:
+        from sa_kit.sd.digits import T2ISizes, pipeline_dir
+        return pipeline_dir(T2ISizes())
+    return model
+
+
 def load_pipeline(model: str | os.PathLike = TINY, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, local_files_only: bool | None = None
                   ) -> Any:
     """Load a ``StableDiffusionPipeline``: ``"tiny"``, a local folder, or a hub model id.
 
     Args:
-        model: ``"tiny"`` (the offline random pipeline), a folder written by
+        model: ``"tiny"`` (the offline random pipeline), ``"digits"`` (chapter 3's coloured-digit
+            model; trained on first use, about 7 minutes on 2 cores), a folder written by
             ``save_pretrained`` (e.g. the output of ``python -m sa_kit.sd.forget``), or a model
             id such as ``"CompVis/stable-diffusion-v1-4"`` (needs the network or the HF cache).
         device, dtype: where and in which precision to put the weights.
@@ -209,8 +225,8 @@ def load_pipeline(model: str | os.PathLike = TINY, device: str | torch.device = 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ValueError(f"model must be 'tiny', a folder or a model id, got {model!r}")
-    source = tiny_pipeline_dir() if str(model) == TINY else model
+        raise ValueError(f"model must be 'tiny', 'digits', a folder or a model id, got {model!r}")
+    source = model_folder(model)
     from sa_kit.data import offline
     local = (Path(source).is_dir() or offline()) if local_files_only is None else local_files_only
     from diffusers.utils import logging as dlog
