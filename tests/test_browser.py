@@ -193,7 +193,7 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
             run_all.first.click()
 
             image = page.locator(".jupyter-widgets.widget-image").first
-            table = page.locator(".widget-html-content:has(table)").first
+            table = page.locator(".widget-html-content:has(table)", has_text="(original)").last
             # the notebook's last cell prints its run time: every cell has run
             _wait(page, lambda: page.locator(".jp-OutputArea-output",
                                              has_text="notebook run time").count() > 0,
@@ -203,8 +203,17 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
                   "the kernel to go idle", 120)
             page.screenshot(path=str(shots / "browser-1-after-run-all.png"))
             assert not _error_outputs(page)
+            # JupyterLab renders cells off screen lazily: bring the explorer into view first
+            def explorer_shown() -> bool:
+                try:
+                    table.scroll_into_view_if_needed(timeout=2000)
+                except Exception:              # not attached yet: poll again
+                    return False
+                return "lambda=1000" in (table.text_content() or "")
+
+            _wait(page, explorer_shown, "the explorer's run table", 120)
             rows_before = table.locator("tr").count()
-            assert "lambda=1000" in table.inner_text() and rows_before >= 4
+            assert rows_before >= 4, table.text_content()
             src_before = image.get_attribute("src")
             assert src_before, "the explorer shows an image after Run All"
 
@@ -212,7 +221,14 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
             slider = page.locator(".widget-hslider", has=page.locator(
                 "label", has_text="lambda"))
             readout = slider.locator(".widget-readout")
-            assert readout.inner_text().strip() in ("0.0", "0")
+            def slider_shown() -> bool:
+                try:
+                    readout.scroll_into_view_if_needed(timeout=2000)
+                except Exception:
+                    return False
+                return readout.inner_text().strip() in ("0.0", "0")
+
+            _wait(page, slider_shown, "the lambda slider at 0 (the notebook's last run)", 60)
             handle = slider.locator(".noUi-handle")
             handle.focus()
             page.keyboard.press("ArrowRight")
@@ -224,8 +240,8 @@ def test_explorer_updates_in_a_real_browser(jupyter_lab, tmp_path):
                   and image.get_attribute("src") != src_before,
                   "a new row and a new image", 300)
             page.screenshot(path=str(shots / "browser-2-after-slider-run.png"))
-            assert "lambda=0.1," in table.locator("tr").last.inner_text()
-            assert "lambda=1000" in table.inner_text(), "earlier runs stay in the table"
+            assert "lambda=0.1," in table.locator("tr").last.text_content()
+            assert "lambda=1000" in table.text_content(), "earlier runs stay in the table"
             assert image.evaluate("img => img.complete && img.naturalWidth > 0"), \
                 "the new image decodes"
             assert not _error_outputs(page)

@@ -321,8 +321,9 @@ def test_accelerate_two_processes_same_fisher_and_train(tiny_dir, tmp_path):
     assert (tmp_path / "two" / "pipeline" / "unet").is_dir()
     two, meta = load_tensors(next((tmp_path / "two" / "data").glob("fisher-*.safetensors")))
     assert set(two) == set(one) and meta["num_items"] == 6
-    for k in one:
-        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-12), k
+    for k in one:   # float32 sums reduced across processes: equal to 1e-6 of the largest entry
+        atol = 1e-6 * float(one[k].abs().max())
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=atol), k
 
 
 # -- bad input --------------------------------------------------------------------------------
