@@ -9,6 +9,7 @@ comparisons see the same starting noise.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,9 +18,9 @@ import torch
 from torch import Tensor
 
 from sa_kit import seed_everything
-from sa_kit.io import cache_dir, config_hash, load_or_train
+from sa_kit.io import cache_dir, config_hash, load_or_train, save_json
 from sa_kit.sd.config import SDForgetConfig
-from sa_kit.sd.digits import (COLOURS, DigitColourClassifier, T2ISizes, judge, make_dataset,
+from sa_kit.sd.digits import (DigitColourClassifier, T2ISizes, judge, make_dataset,
                               pipeline_dir, train_evaluator)
 
 __all__ = ["pretrained_t2i", "t2i_evaluator", "render", "score", "forget_run"]
@@ -96,23 +97,12 @@ def forget_run(run: SDForgetConfig, model: str | Path, *, forget_prompt: str,
     cfg.output_dir = str(cache_dir() / f"t2i-forget-{key}")
     cfg.data_dir = str(cache_dir() / f"t2i-data-{config_hash({'model': model})}")
     out = Path(cfg.output_dir)
-    done = out / "pipeline" / "model_index.json"
-    import json
-    if done.exists() and (out / "run.json").exists():
-        meta = json.loads((out / "run.json").read_text())
-        return {"pipeline_dir": out / "pipeline", "history": meta["history"],
-                "seconds": meta["seconds"], "trained": meta["trained"], "config": cfg}
-    start = time.perf_counter()
-    result = run_tool(cfg, progress=progress)
-    seconds = time.perf_counter() - start
-    trained = sum(p.numel() for p in result["adapter"].parameters() if p.requires_grad)
-    from sa_kit.io import save_json
-    save_json(out / "run.json", {"history": result["history"], "seconds": seconds,
-                                 "trained": trained})
-    return {"pipeline_dir": result["pipeline_dir"], "history": result["history"],
-            "seconds": seconds, "trained": trained, "config": cfg}
-
-
-def colour_index(name: str) -> int:
-    """The index of a colour name in :data:`sa_kit.sd.digits.COLOURS`."""
-    return list(COLOURS).index(name)
+    if not ((out / "pipeline" / "model_index.json").exists() and (out / "run.json").exists()):
+        start = time.perf_counter()
+        result = run_tool(cfg, progress=progress)
+        save_json(out / "run.json", {
+            "history": result["history"], "seconds": time.perf_counter() - start,
+            "trained": sum(p.numel() for p in result["adapter"].parameters() if p.requires_grad)})
+    meta = json.loads((out / "run.json").read_text())
+    return {"pipeline_dir": out / "pipeline", "history": meta["history"],
+            "seconds": meta["seconds"], "trained": meta["trained"], "config": cfg}

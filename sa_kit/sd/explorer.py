@@ -73,18 +73,18 @@ class TextToImageExplorer:
 
     def _measure(self, pipe: Any, forget: str, surrogate: str) -> dict[str, Any]:
         from sa_kit.chapters.text_to_image import render, score
-        from sa_kit.sd.digits import COLOURS, WORDS
+        from sa_kit.sd.digits import COLOURS, WORDS, judge
         f_items, o_items, kind, index = concept_items(forget, self.per, self.seed)
-        items = f_items + o_items
-        images = render(pipe, [p for p, _, _ in items], seed=self.seed, **self.render_kw)
-        s = score(self.classifier, images, items)
-        head = s["p_digit"] if kind == "digit" else s["p_colour"]
+        images = render(pipe, [p for p, _, _ in f_items + o_items], seed=self.seed,
+                        **self.render_kw)
         n = len(f_items)
+        p_digit, p_colour = judge(self.classifier, images[:n])      # prompts naming the concept
+        head = p_digit if kind == "digit" else p_colour
         surrogate_index = (WORDS.index(surrogate) if kind == "digit" and surrogate in WORDS else
                            list(COLOURS).index(surrogate) if surrogate in COLOURS else None)
-        rest = score(self.classifier, images[n:], o_items)
-        return {"P_forget": float(head[:n, index].mean()),
-                "P_surrogate": float(head[:n, surrogate_index].mean())
+        rest = score(self.classifier, images[n:], o_items)          # every other prompt
+        return {"P_forget": float(head[:, index].mean()),
+                "P_surrogate": float(head[:, surrogate_index].mean())
                 if surrogate_index is not None else None,
                 "remembered_digit_acc": rest["digit_accuracy"],
                 "remembered_colour_acc": rest["colour_accuracy"],
