@@ -108,15 +108,20 @@ def to_png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
+TRADEOFF_COLOURS = ("lmbda", "gamma", "mapping", "train_method")
+
+
 def plot_tradeoff(rows: Sequence[Mapping[str, object]], colour_by: str = "lmbda",
                   ax: plt.Axes | None = None) -> plt.Axes:
     """P(c_f) (x, lower = forgotten) against remembered accuracy (y), one dot per run.
 
     ``rows`` are explorer table rows; the original model (``lmbda`` None) is a black star.
-    Dots are coloured by ``colour_by`` (``lmbda``, ``gamma`` or ``mapping``) and labelled.
+    Dots are coloured by ``colour_by`` (``lmbda``, ``gamma``, ``mapping`` or, for the
+    text-to-image explorer, ``train_method``) and labelled.
     """
-    if colour_by not in ("lmbda", "gamma", "mapping"):
-        raise ValueError(f"colour_by must be 'lmbda', 'gamma' or 'mapping', got {colour_by!r}")
+    if colour_by not in TRADEOFF_COLOURS:
+        raise ValueError(f"colour_by must be one of {', '.join(map(repr, TRADEOFF_COLOURS))}, "
+                         f"got {colour_by!r}")
     ax = ax or plt.subplots(figsize=(5, 3.6))[1]
     runs = [r for r in rows if r.get("lmbda") is not None]
     values = sorted({str(r[colour_by]) for r in runs}, key=lambda v: (len(v), v))
@@ -137,4 +142,52 @@ def plot_tradeoff(rows: Sequence[Mapping[str, object]], colour_by: str = "lmbda"
     ax.set_xlim(-0.02, 1.02)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("forgetting vs remembering, one dot per run", fontsize=9)
+    return ax
+
+
+def plot_method(model: str = "conditional VAE", surrogate: str = "uniform noise",
+                concept: str = "digit 0", ax: plt.Axes | None = None) -> plt.Axes:
+    """Selective Amnesia as a diagram: where each term of the loss (eq. 1-3) gets its data.
+
+    Every chapter draws it with its own ``model``, ``surrogate`` and forgotten ``concept``.
+    """
+    ax = ax or plt.subplots(figsize=(11, 4.2))[1]
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 4.4)
+    ax.axis("off")
+    colours = {"frozen": "#e8e8e8", "q": "#fde0c5", "replay": "#cfe3f7", "ewc": "#d8f0d2",
+               "loss": "#fff6bf", "model": "#f4d4ee"}
+
+    def box(x: float, y: float, text: str, colour: str, width: float = 2.6) -> None:
+        ax.text(x, y, text, ha="center", va="center", fontsize=8.5, wrap=True,
+                bbox=dict(boxstyle="round,pad=0.45", fc=colours[colour], ec="#555",
+                          lw=0.8), zorder=2)
+
+    def arrow(a: tuple[float, float], b: tuple[float, float], label: str = "") -> None:
+        ax.annotate("", xy=b, xytext=a, zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color="#444", lw=1.1,
+                                    shrinkA=4, shrinkB=4))
+        if label:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.14, label, ha="center",
+                    fontsize=7, color="#333", style="italic")
+
+    box(1.3, 3.6, f"frozen copy of the\noriginal model  θ*\n({model})", "frozen")
+    box(1.3, 2.1, f"surrogate  q(x | c_f)\nyou choose it:\n{surrogate}", "q")
+    box(1.3, 0.6, "diagonal Fisher F at θ*\non the model's own samples\nof every concept",
+        "frozen")
+    box(5.0, 3.6, "(2) generative replay\nγ · −log p(x | θ, c),\nx ~ p(x | θ*, c), c ≠ c_f",
+        "replay")
+    box(5.0, 2.1, f"(1) surrogate term\n−log p(x | θ, c_f),  x ~ q\n(c_f = {concept})", "q")
+    box(5.0, 0.6, "(3) EWC penalty\nλ · Σ_i F_i (θ_i − θ*_i)²", "ewc")
+    box(7.9, 2.1, "L(θ) = (1) + (2) + (3)\nminimised from θ = θ*\n(−log p: the ELBO)", "loss",
+        width=2.2)
+    box(10.0, 2.1, f"forgetful model θ\nc_f → {surrogate}\nother concepts kept", "model",
+        width=1.8)
+    arrow((2.6, 3.6), (3.7, 3.6), "samples of the rest")
+    arrow((2.6, 2.1), (3.7, 2.1), "samples of q")
+    arrow((2.6, 0.6), (3.7, 0.6), "F, θ*")
+    for y in (3.6, 2.1, 0.6):
+        arrow((6.35, y), (6.85, 2.1 + (y - 2.1) * 0.25))
+    arrow((8.95, 2.1), (9.15, 2.1))
+    ax.set_title("Selective Amnesia: three terms, no original training data", fontsize=10)
     return ax

@@ -186,6 +186,13 @@ class ForgettingExplorer:
         image = w.Image(format="png", layout=w.Layout(width="260px"))
         table, status, plot = w.HTML(), w.HTML(), w.Image(format="png")
         csv_button = w.Button(description="export CSV", icon="download")
+        colour = w.Dropdown(options=["lmbda", "gamma", "mapping"], value="lmbda",
+                            description="colour by")
+
+        def redraw(_: Any = None) -> None:
+            from sa_kit.plots import to_png
+            if self.rows:
+                plot.value = to_png(self.plot(colour_by=colour.value).figure)
 
         def on_click(_: Any) -> None:
             bar.max, bar.value = n_steps.value, 0
@@ -196,8 +203,7 @@ class ForgettingExplorer:
                                n_steps.value, on_step=lambda s: setattr(bar, "value", s))
                 image.value = out["png"]
                 table.value = self.html_table()
-                from sa_kit.plots import to_png
-                plot.value = to_png(self.plot().figure)
+                redraw()
                 status.value = (f"done in {out['seconds']:.1f} s" +
                                 (" (from memory)" if out["cached"] else "") +
                                 f": one row per class; the forgotten one is row {forget_c.value}")
@@ -213,10 +219,12 @@ class ForgettingExplorer:
 
         run.on_click(on_click)
         csv_button.on_click(on_csv)
+        colour.observe(redraw, names="value")
         controls = w.VBox([forget_c, mapping, lam, gam, n_steps, w.HBox([run, bar]),
-                           csv_button, status])
+                           w.HBox([csv_button, colour]), status])
         box = w.VBox([w.HBox([controls, w.VBox([image])]), table, plot])
         box.run_button, box.lambda_slider, box.image, box.table = run, lam, image, table
         box.mapping, box.forget_class, box.steps, box.status = mapping, forget_c, n_steps, status
         box.gamma_slider, box.plot, box.csv_button = gam, plot, csv_button
+        box.colour_by = colour
         return box

@@ -60,3 +60,41 @@ def test_explorer_widget_runs_on_click_and_reports_bad_choices(tiny_vae):
     box.forget_class.value, box.mapping.value = 3, "3"     # a digit mapped onto itself
     box.run_button.click()
     assert "forget class itself" in box.status.value
+
+
+def test_widget_exports_csv_and_recolours_the_tradeoff(tiny_vae, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ex = _explorer(tiny_vae, steps=5, eval_samples=4)
+    box = ex.widget()
+    box.run_button.click()
+    first = box.plot.value
+    box.colour_by.value = "mapping"                  # the same runs, coloured by the mapping
+    assert box.plot.value[:4] == b"\x89PNG" and box.plot.value != first
+    box.csv_button.click()
+    rows = list(csv.DictReader(open(tmp_path / "explorer_runs.csv")))
+    assert [r["run"] for r in rows] == ["0", "1"] and rows[0]["mapping"] == "(original)"
+
+
+def test_text_to_image_explorer_plots_by_lambda_mapping_or_train_method(tmp_path):
+    import pytest
+
+    from sa_kit.sd.config import SDForgetConfig
+    from sa_kit.sd.explorer import TextToImageExplorer
+    ex = TextToImageExplorer(tmp_path, classifier=None, run=SDForgetConfig())
+    ex._original["seven->one"] = {"P_forget": 0.9, "P_surrogate": 0.05,
+                                  "remembered_digit_acc": 0.9, "remembered_colour_acc": 0.95}
+    for i, (lmbda, method) in enumerate([(0.0, "full"), (50.0, "xattn"), (50.0, "full")]):
+        ex.rows.append({"run": i + 1, "forget": "seven", "surrogate": "one", "lmbda": lmbda,
+                        "train_method": method, "steps": 10, "trained": 1, "seconds": 1.0,
+                        "P_forget": 0.2 + 0.1 * i, "P_surrogate": 0.5,
+                        "remembered_digit_acc": 0.8, "remembered_colour_acc": 0.9})
+    legends = {}
+    for colour_by in ("lmbda", "mapping", "train_method"):
+        ax = ex.plot(colour_by=colour_by)
+        legends[colour_by] = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legends["lmbda"] == ["lmbda = 0.0", "lmbda = 50.0", "original"]
+    assert legends["train_method"] == ["train_method = full", "train_method = xattn", "original"]
+    assert legends["mapping"] == ["mapping = seven->one", "original"]
+    with pytest.raises(ValueError, match="colour_by"):
+        ex.plot(colour_by="gamma")
+    assert ex.to_csv().splitlines()[1].startswith("0,seven,one,,(original)")

@@ -156,12 +156,16 @@ class TextToImageExplorer:
                        "</tr>" for r in self.table())
         return f"<table><tr>{head}</tr>{body}</table>"
 
-    def plot(self, ax: Any = None) -> Any:
-        """P(forgotten) against remembered digit accuracy, one dot per run, by lambda."""
+    def plot(self, colour_by: str = "lmbda", ax: Any = None) -> Any:
+        """P(forgotten) against remembered digit accuracy, one dot per run.
+
+        ``colour_by``: ``lmbda``, ``mapping`` (forget -> surrogate) or ``train_method``.
+        """
         from sa_kit.plots import plot_tradeoff
+        check_choice("colour_by", colour_by, ("lmbda", "mapping", "train_method"))
         rows = [{**r, "P_cf": r["P_forget"], "acc_remembered": r["remembered_digit_acc"],
                  "mapping": f"{r['forget']}->{r['surrogate']}"} for r in self.table()]
-        return plot_tradeoff(rows, colour_by="lmbda", ax=ax)
+        return plot_tradeoff(rows, colour_by=colour_by, ax=ax)
 
     def widget(self, lmbdas: Sequence[float] = LAMBDAS) -> Any:
         """ipywidgets: lambda (with 0), train_method, forget and surrogate prompts, Run."""
@@ -178,6 +182,17 @@ class TextToImageExplorer:
         run = w.Button(description="Run short job", button_style="primary", icon="play")
         status, table, image, plot = w.HTML(), w.HTML(), w.Image(format="png"), \
             w.Image(format="png")
+        csv_button = w.Button(description="export CSV", icon="download")
+        colour = w.Dropdown(options=["lmbda", "mapping", "train_method"], value="lmbda",
+                            description="colour by")
+
+        def redraw(_: Any = None) -> None:
+            if self.rows:
+                plot.value = to_png(self.plot(colour_by=colour.value).figure)
+
+        def on_csv(_: Any) -> None:
+            self.to_csv("t2i_explorer_runs.csv")
+            status.value = "table written to t2i_explorer_runs.csv"
 
         def on_click(_: Any) -> None:
             run.disabled, status.value = True, "<i>running...</i>"
@@ -187,7 +202,7 @@ class TextToImageExplorer:
                 from sa_kit.plots import png_bytes
                 image.value = png_bytes({0: out["images"]}, ncols=12)
                 table.value = self.html_table()
-                plot.value = to_png(self.plot().figure)
+                redraw()
                 status.value = (f"done in {out['seconds']:.0f} s: images of held-out prompts "
                                 f"that name '{out['forget']}'")
             except (ValueError, TypeError) as e:
@@ -196,9 +211,13 @@ class TextToImageExplorer:
                 run.disabled = False
 
         run.on_click(on_click)
-        box = w.VBox([w.HBox([w.VBox([lam, method, forget, surrogate, run, status]), image]),
+        csv_button.on_click(on_csv)
+        colour.observe(redraw, names="value")
+        box = w.VBox([w.HBox([w.VBox([lam, method, forget, surrogate, run,
+                                      w.HBox([csv_button, colour]), status]), image]),
                       table, plot])
         box.run_button, box.lambda_slider, box.method, box.table = run, lam, method, table
         box.forget, box.surrogate, box.status, box.image = forget, surrogate, status, image
+        box.plot, box.csv_button, box.colour_by = plot, csv_button, colour
         return box
 
