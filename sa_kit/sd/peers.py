@@ -157,7 +157,7 @@ def esd_noisy_latent(unet: nn.Module, scheduler: Any, emb_c: Tensor, emb_null: T
     return x, t.expand(batch_size)
 
 
-def esd(model_dir: str | os.PathLike, forget_prompt: str | Sequence[str], *, steps: int = 400,
+def esd(model_dir: str | os.PathLike, forget_prompt: str | Sequence[str], *, steps: int = 300,
         train_method: str = "noxattn", negative_guidance: float = 1.0, lr: float = 1e-4,
         start_guidance: float = 3.0, ddim_steps: int = 20, batch_size: int = 1, seed: int = 0,
         progress: bool = True) -> dict[str, Any]:
@@ -171,14 +171,15 @@ def esd(model_dir: str | os.PathLike, forget_prompt: str | Sequence[str], *, ste
     Args:
         model_dir: a pipeline folder (``save_pretrained``), ``"digits"`` or ``"tiny"``.
         forget_prompt: the concept, e.g. ``"seven"`` (official: the bare concept).
-        steps: optimiser steps (official: 1000 for SD v1.4). Default 400: ~1 min for the
-            chapter 3 cpu model on 2 cores.
+        steps: optimiser steps (official: 1000 for SD v1.4). Default 300: 62 s for the
+            chapter 3 ci model on one thread of a loaded 2-core machine (0.2 s a step);
+            about 0.25 s a step for the cpu model (one UNet forward of batch 2: 17 ms).
         train_method: ``"noxattn"`` (ESD-u, official for objects/nudity) or ``"xattn"``
             (ESD-x, official for artistic styles), or ``"full"``.
         negative_guidance: eta (official 1.0).
         lr: Adam learning rate. Official 1e-5 for SD v1.4's 860M-weight UNet over 1000 steps;
-            the default 1e-4 is for the chapter 3 models (a few M weights, 400 steps), at which
-            1e-5 hardly moves P(seven) (measured; see the chapter 4 notes).
+            the default 1e-4 is for the chapter 3 models (0.8-3 M UNet weights, 300 steps:
+            a budget of minutes, not hours).
         start_guidance: guidance of the DDIM sample that makes x_t (official 3).
         ddim_steps: DDIM steps of that sample (official 50; 20 = chapter 3's render steps,
             2.5x cheaper, same bins of 50 timesteps each).
