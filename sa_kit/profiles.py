@@ -121,12 +121,15 @@ DDPM = {
 class SDSizes:
     """Chapter 3: the model, the forgetting run (``run``: the CLI's settings), the extras.
 
-    ``model_sizes`` is the kit's coloured-digit text-to-image model, trained on a CPU
-    (:mod:`sa_kit.sd.digits`); None means ``run.model`` (Stable Diffusion v1.4 on a GPU).
+    ``model_sizes`` is the kit's coloured-digit text-to-image model (:mod:`sa_kit.sd.digits`),
+    the one every profile measures; ``run`` forgets in it. ``sd_run`` is the same tool on a
+    Stable Diffusion pipeline (section 10 of the chapter): v1.4 on a GPU, the tiny random
+    pipeline on a CPU (mechanics only: it draws noise).
     """
 
     run: SDForgetConfig = field(default_factory=SDForgetConfig)
-    model_sizes: T2ISizes | None = None
+    model_sizes: T2ISizes = field(default_factory=T2ISizes)
+    sd_run: SDForgetConfig = field(default_factory=SDForgetConfig)
     grid_prompts: int = 4
     widget_steps: int = 20
     eval_per: int = 2           # held-out prompts per digit/colour combination for the metrics
@@ -146,6 +149,13 @@ _DIGITS_SD = dict(model="digits", forget_prompt="seven", surrogate_prompt="one",
                   prompt_templates=True, epochs=None, scale_lr=False, optimizer="adamw",
                   gen_steps=20, guidance_scale=4.0, fisher_timesteps=20, gen_batch_size=32,
                   fisher_batch_size=16, lmbda=10.0, lr=3e-4)
+# Section 10 on a CPU: the same tool on the tiny random Stable Diffusion pipeline (mechanics only)
+# (a few steps: its Fisher and steps cost seconds each on 2 cores)
+_TINY_SD = dict(model="tiny", epochs=None, batch_size=4, effective_batch=4, lr=1e-3,
+                scale_lr=False, gen_steps=2, fisher_timesteps=2, fisher_batch_size=4,
+                lmbda=0.5, steps=12, num_surrogate=4, num_replay=8)
+_CPU_DIGITS_RUN = _sd_run(**_DIGITS_SD, steps=250, batch_size=16, effective_batch=16,
+                          num_surrogate=200, num_replay=300)
 SD = {
     # ci: a smaller model in about a minute -- it learns colours, digits only roughly
     "ci": SDSizes(run=_sd_run(**{**_DIGITS_SD, "gen_steps": 10, "fisher_timesteps": 10},
@@ -155,21 +165,52 @@ SD = {
                                        unet_channels=(32, 64), text_width=32, train_steps=1000,
                                        batch_size=32, classifier_steps=400,
                                        num_examples=5000),
+                  sd_run=_sd_run(**_TINY_SD),
                   grid_prompts=3, widget_steps=10, eval_per=1, render_steps=10),
-    "cpu": SDSizes(run=_sd_run(**_DIGITS_SD, steps=250, batch_size=16, effective_batch=16,
-                               num_surrogate=200, num_replay=300),
-                   model_sizes=T2ISizes(), eval_per=4, widget_steps=40),
-    # the published run is `python -m sa_kit.sd.forget`; the notebook walks a shorter one
-    "gpu": SDSizes(run=_sd_run(steps=200, num_surrogate=64, num_replay=256,
-                               fisher_timesteps=50, mixed_precision="bf16",
-                               gradient_checkpointing=True),
-                   widget_steps=50, cpu_threads=None),
+    "cpu": SDSizes(run=_CPU_DIGITS_RUN, model_sizes=T2ISizes(), sd_run=_sd_run(**_TINY_SD),
+                   eval_per=4, widget_steps=40),
+    # the digit sections as on a CPU; section 10 walks a shorter run of the published celebrity
+    # setting on Stable Diffusion v1.4 (the published run is `python -m sa_kit.sd.forget`)
+    "gpu": SDSizes(run=_CPU_DIGITS_RUN, model_sizes=T2ISizes(),
+                   sd_run=_sd_run(steps=200, num_surrogate=64, num_replay=256,
+                                  fisher_timesteps=50, mixed_precision="bf16",
+                                  gradient_checkpointing=True),
+                   eval_per=4, widget_steps=40, cpu_threads=None),
 }
 PUBLISHED_SD = {
     "celebrity": SDForgetConfig(),  # brad pitt -> a middle aged man, full UNet, 200 epochs
     "nudity": _sd_run(forget_prompt="sexual, nudity, naked, erotic",
                       surrogate_prompt="people wearing clothes", train_method="noxattn",
                       epochs=500.0),
+}
+
+
+@dataclass(frozen=True)
+class ProbeSizes:
+    """Chapter 4: the budgets of the recovery probes (:mod:`sa_kit.probes`), per model."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    samples: int = 100                      # samples the evaluator judges per probe
+    inversion_steps: int = 200              # condition inversion / textual inversion (Adam)
+    inversion_images: int = 25              # real images of c_f for embedding inversions
+    embedding_lr: float = 0.05              # the DDPM's class-embedding row (Adam)
+    token_lr: float = 5e-3                  # textual inversion's new word (Adam)
+    relearn_k: tuple[int, ...] = (1, 10, 100)
+    relearn_checks: tuple[int, ...] = (5, 10, 20, 40, 80)   # steps at which P(c_f) is judged
+    relearn_lr: float = 1e-3                # cVAE and DDPM
+    t2i_relearn_lr: float = 1e-4            # the text-to-image UNet
+    nll_images: int = 200
+    guidance_scales: tuple[float, ...] = (0.0, 1.0, 3.0)
+    t2i_per: int = 4                        # held-out prompts per colour (6 colours)
+    t2i_methods: tuple[str, ...] = ("original", "retrained", "SA", "ESD", "UCE")
+
+
+PROBES = {
+    "ci": ProbeSizes(seeds=(0, 1, 2), samples=32, inversion_steps=60, relearn_k=(1, 10),
+                     relearn_checks=(5, 20), nll_images=64, t2i_per=1,
+                     t2i_methods=("original", "SA", "UCE")),
+    "cpu": ProbeSizes(),
+    "gpu": ProbeSizes(),
 }
 
 
@@ -182,6 +223,7 @@ class Profile:
     mnist: MNISTSizes
     ddpm: DDPMSizes
     sd: SDSizes
+    probes: ProbeSizes = field(default_factory=ProbeSizes)
 
 
 def _default_name() -> str:
@@ -212,4 +254,5 @@ def get_profile(name: str | None = None) -> Profile:
     import torch
     name = profile_name(name)
     device = "cuda" if (name == "gpu" and torch.cuda.is_available()) else "cpu"
-    return Profile(name=name, device=device, mnist=MNIST[name], ddpm=DDPM[name], sd=SD[name])
+    return Profile(name=name, device=device, mnist=MNIST[name], ddpm=DDPM[name], sd=SD[name],
+                   probes=PROBES[name])

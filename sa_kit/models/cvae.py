@@ -38,6 +38,8 @@ class ConditionalVAE(nn.Module):
         self.fc6 = nn.Linear(h1, x_dim)
 
     def _onehot(self, c: Tensor) -> Tensor:
+        if c.is_floating_point() and c.dim() == 2:   # already a (relaxed) one-hot: chapter 4
+            return c.to(self.fc1.weight.dtype)
         classes = torch.arange(self.num_classes, device=c.device)
         return (c.long()[:, None] == classes).to(self.fc1.weight.dtype)  # vmap-friendly one-hot
 

@@ -73,6 +73,7 @@ class T2ISizes:
     caption_dropout: float = 0.1
     num_examples: int = 20_000
     classifier_steps: int = 1500
+    exclude_digit: int | None = None    # retrain from scratch without one digit (chapter 4)
 
 
 # -- the data ---------------------------------------------------------------------------------
@@ -260,6 +261,10 @@ def train_pipeline(folder: str | os.PathLike, sizes: T2ISizes, seed: int = 0,
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=sizes.max_tokens)
     vae, unet, text = _components(sizes, tokenizer, seed)
     data = make_dataset(sizes.num_examples, sizes.image_size, seed)
+    if sizes.exclude_digit is not None:                 # the gold standard of unlearning
+        keep = data.digit != sizes.exclude_digit
+        data = CaptionedDigits(data.images[keep], data.digit[keep], data.colour[keep],
+                               data.background[keep])
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     scale = _train_vae(vae, data.images, sizes.vae_steps, progress,
                        ckpt / "vae" if ckpt is not None else None)
@@ -318,7 +323,9 @@ def pipeline_dir(sizes: T2ISizes, seed: int = 0, progress: bool = True) -> Path:
     import shutil
 
     from sa_kit.io import cache_dir, config_hash
-    key = config_hash({"sizes": dataclasses.asdict(sizes), "seed": seed, "spec": SPEC.to_json(),
+    settings = {k: v for k, v in dataclasses.asdict(sizes).items()
+                if not (k == "exclude_digit" and v is None)}     # older folders keep their key
+    key = config_hash({"sizes": settings, "seed": seed, "spec": SPEC.to_json(),
                        "version": 1})
     folder = cache_dir() / f"t2i-digits-{key}"
     if not (folder / "model_index.json").exists():
