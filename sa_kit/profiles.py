@@ -206,7 +206,7 @@ class ProbeSizes:
 
 
 PROBES = {
-    "ci": ProbeSizes(seeds=(0, 1, 2), samples=32, inversion_steps=60, relearn_k=(1, 10),
+    "ci": ProbeSizes(seeds=(0, 1), samples=32, inversion_steps=60, relearn_k=(1, 10),
                      relearn_checks=(5, 20), nll_images=64, t2i_per=1,
                      t2i_methods=("original", "SA", "UCE")),
     "cpu": ProbeSizes(),
