@@ -148,6 +148,15 @@ def _title(nb: Any, fallback: str) -> str:
     return fallback
 
 
+def _build_times(nb: Any) -> str:
+    """The page's own measurement: time per section of the run this page shows."""
+    meta = nb.metadata.get("sa_kit", {})
+    how = "by nbval (`make test`)" if meta.get("executed_by") == "nbval" else "by `make book`"
+    return (f"**Time per section of the run shown on this page** (profile "
+            f"`{meta.get('profile', '?')}`, executed {how}; the wall time of each cell, summed "
+            f"per section):\n\n" + times_table([nb], [meta.get("profile", "?")]))
+
+
 def _mkdocs_config(docs: Path, site: Path, nav: list) -> dict[str, Any]:
     return {
         "site_name": "Selective Amnesia, hands on",
@@ -184,7 +193,8 @@ def build(executed: Iterable[str | Path], site: str | Path, pages: Path = PAGES)
     chapter_nav = []
     for path in sorted(Path(p) for p in executed):
         nb = nbformat.read(path, as_version=4)
-        shutil.copy(path, docs / path.name)
+        nb.cells.insert(1, nbformat.v4.new_markdown_cell(_build_times(nb)))
+        nbformat.write(nb, docs / path.name)
         chapter_nav.append({_title(nb, path.stem): path.name})
     index = docs / "index.md"
     index.write_text(index.read_text().replace(CHAPTERS_MARKER, "\n".join(
