@@ -108,6 +108,7 @@ def test_book_builds_from_the_run_and_shows_every_figure_and_table(executed_chap
                 assert book.launch_links(path.name)["colab"] in hrefs, path.name
                 assert page.locator(f"a[href='{book.launch_links(path.name)['binder']}']").count()
                 assert "Check your understanding" in page.content(), path.name
+                assert "Time per section of the run shown on this page" in page.content()
             page.goto((site / "index.html").as_uri())
             for name in shared[1:]:
                 assert page.locator(f"a[href='{name}']").count(), f"{name} is not linked"

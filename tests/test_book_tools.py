@@ -63,7 +63,6 @@ def test_every_chapter_carries_badges_figure_questions_and_terms():
         assert 3 <= len(re.findall(r"^\d\. ", questions, re.M)) <= 5, \
             f"{path.name}: 3-5 'check your understanding' questions"
         assert "## Terms and references" in text, f"{path.name}: terms and references"
-        assert "## Time per section" in text, f"{path.name}: measured time per section"
         solutions = ROOT / "instructors" / f"solutions_{path.name}"
         assert solutions.exists(), f"{path.name}: answers in {solutions.name}"
 
