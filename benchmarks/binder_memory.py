@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("notebooks/01_vae_mnist.ipynb", "notebooks/02_class_conditional_ddpm.ipynb",
-             "notebooks/03_text_to_image.ipynb")
+             "notebooks/03_text_to_image.ipynb", "notebooks/04_is_it_forgotten.ipynb")
 BINDER_LIMIT = 2 * 1024 ** 3
 MIB = 1024 ** 2
 PEAK_CELL = "import resource; print('RU_MAXRSS_KIB', resource.getrusage(resource.RUSAGE_SELF)" \

@@ -203,12 +203,13 @@ class ProbeSizes:
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 3.0)
     t2i_per: int = 4                        # held-out prompts per colour (6 colours)
     t2i_methods: tuple[str, ...] = ("original", "retrained", "SA", "ESD", "UCE")
+    t2i_seeds: tuple[int, ...] | None = None    # None: ``seeds``
 
 
 PROBES = {
     "ci": ProbeSizes(seeds=(0, 1), samples=32, inversion_steps=60, relearn_k=(1, 10),
                      relearn_checks=(5, 20), nll_images=64, t2i_per=1,
-                     t2i_methods=("original", "SA", "UCE")),
+                     t2i_methods=("original", "SA", "UCE"), t2i_seeds=(0,)),
     "cpu": ProbeSizes(),
     "gpu": ProbeSizes(),
 }

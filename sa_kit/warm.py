@@ -69,10 +69,23 @@ def chapter3(profile: Any) -> list[str]:
     return ["text-to-image model", "evaluator", "replay/surrogate data + Fisher + first run"]
 
 
+def chapter4(profile: Any) -> list[str]:
+    """Every method the probes compare (retrained models, SA, naive, ESD, UCE), probed per seed.
+
+    The rows of chapter 4's tables are cached, so the chapter then reads them in seconds.
+    """
+    from sa_kit.chapters import is_it_forgotten as ch
+    for family in ch.FAMILIES:
+        ch.probe_family(family, profile, progress=True)
+    return [f"probe tables: {', '.join(ch.FAMILIES)} (models retrained without c_f, forgetting "
+            "runs, probe rows)"]
+
+
 STEPS: dict[str, Callable[[Any], list[str]]] = {
     "01 cVAE (MNIST)": chapter1,
     "02 DDPM": chapter2,
     "03 text-to-image": chapter3,
+    "04 is it forgotten?": chapter4,
 }
 
 

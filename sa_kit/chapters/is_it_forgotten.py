@@ -419,9 +419,11 @@ def probe_family(family: str, profile: Any, progress: bool = False) -> dict[str,
     from sa_kit.checks import check_choice
     family = check_choice("family", family, FAMILIES)
     ps = profile.probes
-    budget = {k: v for k, v in dataclasses.asdict(ps).items() if k not in ("seeds", "t2i_methods")}
+    budget = {k: v for k, v in dataclasses.asdict(ps).items()
+              if k not in ("seeds", "t2i_methods", "t2i_seeds")}
     rows: dict[str, list[dict]] = {}
-    for seed in ps.seeds:
+    seeds = ps.t2i_seeds if family == "t2i" and ps.t2i_seeds is not None else ps.seeds
+    for seed in seeds:
         if family == "t2i":
             from sa_kit.chapters.text_to_image import t2i_evaluator
             clf = t2i_evaluator(profile.sd.model_sizes, progress=progress)
