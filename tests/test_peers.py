@@ -15,25 +15,10 @@ pytest.importorskip("diffusers")
 
 from sa_kit.sd import peers  # noqa: E402
 from sa_kit.sd.adapter import is_cross_attention, trains_with  # noqa: E402
-from sa_kit.sd.pipeline import load_pipeline, tiny_pipeline_dir  # noqa: E402
+from sa_kit.sd.pipeline import load_pipeline  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory):
-    """A private SA_KIT_CACHE for the module, no hub access, one thread."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SA_KIT_CACHE", str(tmp_path_factory.mktemp("peers_cache")))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("SA_KIT_OFFLINE", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    return str(tiny_pipeline_dir(root=tmp_path_factory.mktemp("tiny") / "pipe"))
+pytestmark = pytest.mark.usefixtures("sd_offline")
 
 
 @pytest.fixture(scope="module")

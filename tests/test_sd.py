@@ -35,25 +35,7 @@ from sa_kit.sd.pipeline import TINY_UNET, is_tiny, load_pipeline, tiny_pipeline_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory):
-    """A private SA_KIT_CACHE, no hub access, one thread (2 shared cores: threads only fight)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SA_KIT_CACHE", str(tmp_path_factory.mktemp("sd_cache")))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("SA_KIT_OFFLINE", "1")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """The tiny pipeline's folder, built once for this module (tests/conftest.py gives every
-    test its own SA_KIT_CACHE, so "tiny" would be rebuilt per test)."""
-    return str(tiny_pipeline_dir(root=tmp_path_factory.mktemp("tiny") / "pipe"))
+pytestmark = pytest.mark.usefixtures("sd_offline")
 
 
 @pytest.fixture(scope="module")
