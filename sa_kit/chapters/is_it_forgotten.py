@@ -470,8 +470,9 @@ def columns(family: str, sizes: ProbeSizes) -> list[str]:
     if family == "ddpm":
         cols += [f"P(c_f), w={w:g}" for w in sizes.guidance_scales]
     cols += ["inversion"] + (["inversion, fresh z"] if family == "cvae" else [])
-    cols += [f"relearn k={k}" for k in sizes.relearn_k]
-    return cols + ["NLL c_f", "NLL others", "method seconds"]
+    cols += [f"relearn k={k}" for k in sizes.relearn_k] + ["NLL c_f", "NLL others"]
+    # the text-to-image runs record their own wall-clock time (the cVAE/DDPM caches do not)
+    return cols + (["method seconds"] if family == "t2i" else [])
 
 
 # ---- the explorer -----------------------------------------------------------------------------
