@@ -63,7 +63,7 @@ def invert_relaxed_condition(model: nn.Module, classifier: nn.Module, forget_cla
     steps = check_positive_int("steps", steps)
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    frozen = [p.requires_grad for p in model.parameters()]
+    frozen = [p.requires_grad for p in (*model.parameters(), *classifier.parameters())]
     model.requires_grad_(False).eval()
     classifier.requires_grad_(False).eval()
     logits = torch.zeros(model.num_classes, device=device, requires_grad=True)
@@ -86,8 +86,8 @@ def invert_relaxed_condition(model: nn.Module, classifier: nn.Module, forget_cla
         p = torch.softmax(classifier(images), -1)[:, forget_class].cpu()
         fresh = torch.randn(samples, model.z_dim, generator=g).to(device)
         p_fresh = torch.softmax(classifier(draw(fresh)), -1)[:, forget_class].cpu()
-    for param, flag in zip(model.parameters(), frozen):
-        param.requires_grad_(flag)
+    for param, flag in zip((*model.parameters(), *classifier.parameters()), frozen):
+        param.requires_grad_(flag)            # both models as they came
     return {"recovery": recovery_rate(p), "recovery_fresh": recovery_rate(p_fresh),
             "p_forget": p, "condition": torch.softmax(logits.detach(), 0).cpu(),
             "images": images.cpu(), "curve": curve, "steps": steps}
