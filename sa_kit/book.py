@@ -11,7 +11,10 @@ test`` the notebooks are not executed again: the root ``conftest.py`` records wh
 measured time per section (``##`` heading) as a Markdown table; ``times --executed DIR`` reads
 notebooks executed before (by ``build`` or by the test run).
 
-Needs the ``dev`` extra (mkdocs-jupyter, nbclient).
+Formulas render offline: MathJax 2.7 comes from the ``jupyter-server-mathjax`` package (PyPI) and
+is copied into the site (``assets/mathjax/``); no page fetches anything from the web.
+
+Needs the ``dev`` extra (mkdocs-jupyter, nbclient, jupyter-server-mathjax).
 """
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ PAGES = ROOT / "book"
 REPO = "sa-kit/sa-kit"
 SECONDS = "sa_kit_seconds"           # cell metadata key: the cell's measured wall time
 CHAPTERS_MARKER = "<!-- chapters: sa_kit.book.build lists every executed chapter here -->"
+MATHJAX = "assets/mathjax"           # where the site carries its own MathJax (relative URL)
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe,sa-kit"
+# the package ships MathJax's STIX-Web fonts only (not its default TeX fonts): use those
+MATHJAX_FONTS = """MathJax.Hub.Config({
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null},
+  SVG: {font: "STIX-Web"}
+});
+MathJax.Ajax.loadComplete("[MathJax]/config/sa-kit.js");
+"""
 INSTRUCTOR_PAGES = {"instructors.md": "instructors/README.md",
                     "lab_plan.md": "instructors/lab_plan.md",
                     "assignment.md": "instructors/assignment/README.md"}
@@ -168,11 +180,22 @@ def _mkdocs_config(docs: Path, site: Path, nav: list) -> dict[str, Any]:
                   "features": ["navigation.sections", "navigation.footer"]},
         "markdown_extensions": ["tables", "admonition", "attr_list", "def_list",
                                 {"toc": {"permalink": True}}],
-        "plugins": [{"mkdocs-jupyter": {"include_source": True, "execute": False,
-                                        "ignore_h1_titles": True, "allow_errors": False,
-                                        "include": ["*.ipynb"], "cache": False}}],
+        "plugins": [{"mkdocs-jupyter": {
+            "include_source": True, "execute": False, "ignore_h1_titles": True,
+            "allow_errors": False, "include": ["*.ipynb"], "cache": False,
+            # every page sits at the site's root (use_directory_urls off): a relative URL works
+            # from a web server and from file:// alike
+            "custom_mathjax_url": f"{MATHJAX}/MathJax.js?config={MATHJAX_CONFIG}"}}],
         "nav": nav,
     }
+
+
+def _copy_mathjax(docs: Path) -> None:
+    """Put MathJax's own files into the site, so formulas render with no network."""
+    import jupyter_server_mathjax
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(static, docs / MATHJAX, ignore=shutil.ignore_patterns("localization"))
+    (docs / MATHJAX / "config" / "sa-kit.js").write_text(MATHJAX_FONTS)
 
 
 def build(executed: Iterable[str | Path], site: str | Path, pages: Path = PAGES) -> Path:
@@ -190,6 +213,7 @@ def build(executed: Iterable[str | Path], site: str | Path, pages: Path = PAGES)
     shutil.rmtree(work, ignore_errors=True)
     docs = work / "docs"
     shutil.copytree(pages, docs, ignore=shutil.ignore_patterns("*.pyc", "__pycache__"))
+    _copy_mathjax(docs)
     chapter_nav = []
     for path in sorted(Path(p) for p in executed):
         nb = nbformat.read(path, as_version=4)

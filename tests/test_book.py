@@ -7,7 +7,7 @@ in this session (e.g. ``pytest tests/test_book.py`` alone) is executed here firs
 profile (``SA_KIT_BROWSER_CACHE`` names a lasting cache for that, as in ``test_browser.py``).
 
 Debian's Chromium (Playwright, no browser download) then opens every page from ``file://`` and
-checks, per chapter, that each figure the notebook made is on the page and decodes, that each
+checks, per chapter, that the formulas are typeset by the site's own MathJax, that each figure the notebook made is on the page and decodes, that each
 table it printed is there, that the launch links point at the chapter, and that the shared pages
 (glossary, references, outlook, instructors) are linked and filled. Set
 ``SA_KIT_BOOK_OUT=<dir>`` to keep the built site.
@@ -37,18 +37,20 @@ pytestmark = [pytest.mark.book, pytest.mark.slow, pytest.mark.browser]
 
 
 def _expected(nb) -> dict[str, int]:
-    """What the executed notebook holds: figures (PNG outputs) and tables (HTML / Markdown)."""
-    images = html_tables = md_tables = 0
+    """What the executed notebook holds: figures (PNG outputs), tables (HTML / Markdown), and
+    Markdown cells with formulas ($...$)."""
+    images = html_tables = md_tables = math = 0
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             md_tables += sum(1 for ln in cell.source.splitlines()
                              if ln.replace(" ", "").startswith("|---"))
+            math += cell.source.count("$") >= 2
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             images += "image/png" in data
             if "text/html" in data and "image/png" not in data:
                 html_tables += str(data["text/html"]).count("<table")
-    return {"images": images, "html_tables": html_tables, "md_tables": md_tables}
+    return {"images": images, "html_tables": html_tables, "md_tables": md_tables, "math": math}
 
 
 def _executed(executed_chapters, tmp_path, monkeypatch) -> list[Path]:
@@ -91,6 +93,13 @@ def test_book_builds_from_the_run_and_shows_every_figure_and_table(executed_chap
                 want = _expected(nbformat.read(path, as_version=4))
                 page.goto((site / path.with_suffix(".html").name).as_uri())
                 page.wait_for_load_state("load")
+                # formulas: typeset by the site's own MathJax (file://, no network), no errors
+                page.wait_for_function("window.MathJax && MathJax.Hub && MathJax.Hub.queue"
+                                       " && MathJax.Hub.queue.pending === 0"
+                                       " && !MathJax.Hub.queue.running", timeout=60_000)
+                typeset = page.locator(".MathJax, .MathJax_Display").count()
+                assert typeset >= want["math"], (path.name, typeset, want)
+                assert page.locator(".MathJax_Error, .merror").count() == 0, path.name
                 figures = page.locator(".jp-OutputArea-output img")
                 # every figure is on the page and decodes (lazy images: scroll each into view)
                 decoded = 0
