@@ -159,3 +159,30 @@ def test_without_class_drops_every_image_of_the_class():
     data = ImageData(torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 0, 2, 1]), "x", ("a", "b", "c"))
     out = C.without_class(data, 0)
     assert out.y.tolist() == [1, 2, 1] and "without class 0" in out.source
+
+
+def test_the_notebook_set_and_the_headline_set_share_rows(monkeypatch, tmp_path):
+    """probe_family computes the profile's seeds; headline=True the headline seeds, reusing the
+    notebook's cached rows, and keeps them for headline_rows / the notebook's headline cells."""
+    import dataclasses
+    monkeypatch.setenv("SA_KIT_CACHE", str(tmp_path))
+    probed = []
+    models = {"original": nn.Linear(1, 1), "SA": nn.Linear(1, 1)}
+    monkeypatch.setattr(C, "_evaluator_and_test", lambda family, profile, progress: (None,) * 3)
+    monkeypatch.setattr(C, "cvae_methods", lambda sizes, fc, seed, progress: {
+        name: (m, 1.0) for name, m in models.items()})
+    monkeypatch.setattr(C, "model_key", lambda model: str(id(model)))
+    monkeypatch.setattr(C, "probe_class_conditional",
+                        lambda model, clf, train, test, fc, ps, seed:
+                        probed.append(seed) or {"P(c_f)": 0.1 * seed})
+    ci = get_profile("ci")
+    profile = dataclasses.replace(ci, probes=dataclasses.replace(ci.probes, seeds=(0,),
+                                                                 headline_seeds=(0, 1, 2)))
+    assert C.headline_rows("cvae", profile) is None
+    rows = C.probe_family("cvae", profile)
+    assert {m: len(r) for m, r in rows.items()} == {"original": 1, "SA": 1} and probed == [0, 0]
+    head = C.probe_family("cvae", profile, headline=True)
+    assert probed == [0, 0, 1, 1, 2, 2]                   # seed 0's rows came from the cache
+    assert [r["P(c_f)"] for r in head["SA"]] == pytest.approx([0.0, 0.1, 0.2])
+    assert C.headline_rows("cvae", profile) == head
+    assert C.headline_rows("ddpm", profile) is None

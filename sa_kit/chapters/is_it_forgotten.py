@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from sa_kit.profiles import DDPMSizes, MNISTSizes, ProbeSizes
 
 __all__ = ["without_class", "cvae_methods", "ddpm_methods", "t2i_methods",
            "probe_class_conditional", "probe_t2i", "invert_class_embedding", "probe_family",
-           "columns", "RelearnExplorer", "cached_row", "summarise", "format_table",
+           "headline_rows", "show_headline", "columns", "RelearnExplorer", "cached_row", "summarise", "format_table",
            "html_table", "TOKEN"]
 
 TOKEN = "sks"      # textual inversion's new word (the usual rare token of DreamBooth-style work)
@@ -409,26 +410,35 @@ FORGET = {"cvae": 0, "ddpm": 0, "t2i": 7}      # chapters 1-3's c_f (t2i: "seven
 T2I_SURROGATE = 1
 
 
-def probe_family(family: str, profile: Any, progress: bool = False) -> dict[str, list[dict]]:
+def probe_family(family: str, profile: Any, progress: bool = False, headline: bool = False
+                 ) -> dict[str, list[dict]]:
     """Every method x every seed of one model family, probed; ``{method: [row per seed]}``.
 
     Each row is cached by the model's weights (or folder), the seed and the probes' budgets;
     ``row["method seconds"]`` is the wall-clock time the method took to make the model
-    (forgetting, editing or retraining), as recorded when it was made.
+    (forgetting, editing or retraining), as recorded when it was made. ``headline=True`` runs
+    the headline set (``headline_seeds``, ``headline_t2i_methods``) instead of the notebook's
+    and keeps the rows for :func:`headline_rows`.
     """
     from sa_kit.checks import check_choice
     family = check_choice("family", family, FAMILIES)
     ps = profile.probes
     budget = {k: v for k, v in dataclasses.asdict(ps).items()
-              if k not in ("seeds", "t2i_methods", "t2i_seeds")}
+              if k not in ("seeds", "t2i_methods", "t2i_seeds", "headline_seeds",
+                           "headline_t2i_methods")}
     rows: dict[str, list[dict]] = {}
-    seeds = ps.t2i_seeds if family == "t2i" and ps.t2i_seeds is not None else ps.seeds
+    if headline:
+        seeds, methods = ps.headline_seeds, ps.headline_t2i_methods
+    else:
+        seeds, methods = ps.seeds, ps.t2i_methods
+        if family == "t2i" and ps.t2i_seeds is not None:
+            seeds = ps.t2i_seeds
     for seed in seeds:
         if family == "t2i":
             from sa_kit.chapters.text_to_image import t2i_evaluator
             clf = t2i_evaluator(profile.sd.model_sizes, progress=progress)
             made = t2i_methods(profile.sd.run, profile.sd.model_sizes, FORGET[family],
-                               T2I_SURROGATE, seed, ps.t2i_methods)
+                               T2I_SURROGATE, seed, methods)
             for name, (folder, secs) in made.items():
                 settings = {"family": family, "method": name, "model": folder, "seed": seed,
                             "budget": budget, "render_steps": profile.sd.render_steps}
@@ -447,6 +457,34 @@ def probe_family(family: str, profile: Any, progress: bool = False) -> dict[str,
                 **probe_class_conditional(model, clf, train, test, FORGET[family], ps, seed),
                 "method seconds": secs})
             rows.setdefault(name, []).append(row)
+    if headline:
+        save_json(_headline_path(family, profile), rows)
+    return rows
+
+
+def _headline_path(family: str, profile: Any) -> Path:
+    return cache_dir() / f"probe-headline-{family}-{config_hash({'profile': repr(profile)})}.json"
+
+
+def headline_rows(family: str, profile: Any) -> dict[str, list[dict]] | None:
+    """The headline set's rows if ``probe_family(..., headline=True)`` ran on this machine for
+    this profile (``benchmarks/probes.py``), else None."""
+    path = _headline_path(family, profile)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def show_headline(family: str, profile: Any) -> dict[str, list[dict]] | None:
+    """Display the headline table (every method, >= 3 seeds) when this machine has it."""
+    from IPython.display import HTML, display
+    rows = headline_rows(family, profile)
+    if rows is None:
+        print(f"The headline table ({len(profile.probes.headline_seeds)} seeds"
+              + (", every method" if family == "t2i" else "") + ") is not on this machine: "
+              f"SA_KIT_PROFILE={profile.name} python benchmarks/probes.py {family} computes it.")
+        return None
+    seeds = len(next(iter(rows.values())))
+    print(f"Headline table: {seeds} seeds, computed by benchmarks/probes.py on this machine")
+    display(HTML(html_table(summarise(rows, columns(family, profile.probes)), seeds)))
     return rows
 
 
