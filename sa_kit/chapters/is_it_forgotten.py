@@ -380,11 +380,12 @@ def format_table(summary: Mapping[str, Mapping[str, tuple[float, float, int]]],
                  seeds: int) -> str:
     """Plain-text table: one row per method, mean ± std over seeds per column."""
     cols = list(next(iter(summary.values())))
-    width = max(14, *(len(c) + 2 for c in cols))
-    lines = [f"{'method':12s}" + "".join(f"{c:>{width}s}" for c in cols)]
-    for method, cells in summary.items():
-        lines.append(f"{method:12s}" + "".join(
-            f"{_cell(*cells[c], seeds, c):>{width}s}" for c in cols))
+    text = {m: [_cell(*cells[c], seeds, c) for c in cols] for m, cells in summary.items()}
+    widths = [2 + max(len(c), *(len(row[i]) for row in text.values()))
+              for i, c in enumerate(cols)]
+    lines = [f"{'method':12s}" + "".join(f"{c:>{w}s}" for c, w in zip(cols, widths))]
+    for method, row in text.items():
+        lines.append(f"{method:12s}" + "".join(f"{v:>{w}s}" for v, w in zip(row, widths)))
     return "\n".join(lines)
 
 
