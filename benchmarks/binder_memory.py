@@ -90,8 +90,11 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def measure(path: Path, timeout: int, interval: float) -> dict:
-    """Run one notebook in a fresh kernel; returns peak memory, wall time and any error."""
+def measure(path: Path, timeout: int, interval: float, executed: Path | None = None) -> dict:
+    """Run one notebook in a fresh kernel; returns peak memory, wall time and any error.
+
+    ``executed``: also write the executed notebook there, each code cell's seconds in its
+    metadata (``python -m sa_kit.book times --executed`` prints them per section)."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -107,7 +110,10 @@ def measure(path: Path, timeout: int, interval: float) -> dict:
         sampler.start()
         try:
             for index, cell in enumerate(nb.cells):
+                start = time.perf_counter()
                 client.execute_cell(cell, index)
+                if cell.cell_type == "code":
+                    cell.metadata["sa_kit_seconds"] = round(time.perf_counter() - start, 2)
         except Exception as e:                      # a failing cell: report it, keep the peak
             result["error"] = f"{type(e).__name__}: {str(e)[-800:]}"
         finally:
@@ -120,6 +126,12 @@ def measure(path: Path, timeout: int, interval: float) -> dict:
         result["kernel_maxrss"] = self_kib * 1024
         result["children_maxrss"] = children_kib * 1024
     result["peak"] = max(result["sampled_peak"], result.get("kernel_maxrss", 0))
+    if executed is not None:
+        nb.cells.pop()                                  # the peak-reading cell
+        nb.metadata["sa_kit"] = {"profile": os.environ.get("SA_KIT_PROFILE", "?"),
+                                 "executed_by": "benchmarks/binder_memory.py"}
+        executed.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed / path.name)
     return result
 
 
@@ -132,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--interval", type=float, default=0.05, help="sampling interval, s")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--executed", type=Path, help="also write the executed notebooks here, "
+                        "with each cell's seconds (python -m sa_kit.book times --executed DIR)")
     args = parser.parse_args(argv)
 
     os.environ["SA_KIT_PROFILE"] = args.profile       # the kernels inherit the environment
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="sa_kit_binder_") as tmp:
             os.environ["SA_KIT_CACHE"] = args.cache or tmp
             print(f"{path.name}: running in a fresh kernel ...", flush=True)
-            r = measure(path, args.timeout, args.interval)
+            r = measure(path, args.timeout, args.interval, args.executed)
         results.append(r)
         over = r["peak"] > BINDER_LIMIT
         failed |= over or r["error"] is not None
