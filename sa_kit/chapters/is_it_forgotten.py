@@ -102,7 +102,7 @@ def ddpm_methods(sizes: DDPMSizes, forget_class: int, seed: int, progress: bool 
 
 def t2i_methods(run: Any, sizes: Any, forget_digit: int, surrogate_digit: int, seed: int,
                 methods: Sequence[str] = ("original", "retrained", "SA", "ESD", "UCE")
-                ) -> dict[str, tuple[str, float]]:
+                ) -> dict[str, tuple[str, float | None]]:
     """Chapter 3's text-to-image model: pipeline folders of each method, with seconds.
 
     SA is chapter 3's run (the training tool, "seven" -> "one"); ESD and UCE are the peers of
@@ -112,15 +112,14 @@ def t2i_methods(run: Any, sizes: Any, forget_digit: int, surrogate_digit: int, s
     from sa_kit.sd import digits as D
     word, target = D.WORDS[forget_digit], D.WORDS[surrogate_digit]
     model_dir = str(pretrained_t2i(sizes, progress=False))
-    out: dict[str, tuple[str, float]] = {}
+    out: dict[str, tuple[str, float | None]] = {}
     for name in methods:
-        start = time.perf_counter()
         if name == "original":
             out[name] = (model_dir, 0.0)
         elif name == "retrained":
             retrain = dataclasses.replace(sizes, exclude_digit=forget_digit)
-            out[name] = (str(pretrained_t2i(retrain, progress=False)),
-                         time.perf_counter() - start)
+            folder = pretrained_t2i(retrain, progress=False)
+            out[name] = (str(folder), D.training_seconds(folder))
         else:                                 # the runs record their own wall-clock time
             if name == "SA":
                 made = forget_run(run, model_dir, forget_prompt=word, surrogate_prompt=target,
@@ -130,7 +129,10 @@ def t2i_methods(run: Any, sizes: Any, forget_digit: int, surrogate_digit: int, s
                 made = esd(model_dir, word, seed=seed, progress=False)
             elif name == "UCE":
                 from sa_kit.sd.peers import uce
-                made = uce(model_dir, erase=[word], guide=[target])
+                # every token from the concept's to the end (the paper's train_erase.py): with the
+                # concept's last token alone (uce_sd_erase.py) this model keeps drawing sevens
+                # (P(seven) 0.93): CLIP's causal encoder carries "seven" into later tokens
+                made = uce(model_dir, erase=[word], guide=[target], tokens="last_to_end")
             else:
                 raise ValueError(f"unknown method {name!r}")
             out[name] = (str(made["pipeline_dir"]), float(made["seconds"]))
@@ -351,8 +353,8 @@ def summarise(rows: Mapping[str, Sequence[Mapping[str, Any]]],
               columns: Sequence[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """``{method: {column: (mean, std, n)}}`` over the seeds' rows.
 
-    A relearning entry of None (not recovered within the budget) counts as the budget + 1 in
-    the mean and is reported by ``n`` (how many seeds recovered).
+    An entry of None (relearning: not recovered within the budget; method seconds: not
+    recorded) is left out of the mean and std; ``n`` says how many seeds count.
     """
     out = {}
     for method, rs in rows.items():
@@ -443,9 +445,9 @@ def probe_family(family: str, profile: Any, progress: bool = False, headline: bo
             for name, (folder, secs) in made.items():
                 settings = {"family": family, "method": name, "model": folder, "seed": seed,
                             "budget": budget, "render_steps": profile.sd.render_steps}
-                row = cached_row(family, settings, lambda: {
-                    **probe_t2i(folder, clf, FORGET[family], ps, profile.sd.render_steps, seed),
-                    "method seconds": secs})
+                row = {**cached_row(family, settings, lambda: probe_t2i(
+                    folder, clf, FORGET[family], ps, profile.sd.render_steps, seed)),
+                    "method seconds": secs}              # as the method's own run recorded
                 rows.setdefault(name, []).append(row)
             continue
         clf, train, test = _evaluator_and_test(family, profile, progress)
@@ -454,9 +456,8 @@ def probe_family(family: str, profile: Any, progress: bool = False, headline: bo
         for name, (model, secs) in made.items():
             settings = {"family": family, "method": name, "model": model_key(model),
                         "seed": seed, "budget": budget}
-            row = cached_row(family, settings, lambda: {
-                **probe_class_conditional(model, clf, train, test, FORGET[family], ps, seed),
-                "method seconds": secs})
+            row = {**cached_row(family, settings, lambda: probe_class_conditional(
+                model, clf, train, test, FORGET[family], ps, seed)), "method seconds": secs}
             rows.setdefault(name, []).append(row)
     if headline:
         save_json(_headline_path(family, profile), rows)

@@ -22,8 +22,10 @@ forgetting through the very code that runs Stable Diffusion v1.4:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -313,6 +315,16 @@ def train_pipeline(folder: str | os.PathLike, sizes: T2ISizes, seed: int = 0,
     return folder
 
 
+TRAINING_RECORD = "sa_kit_training.json"
+
+
+def training_seconds(folder: str | os.PathLike) -> float | None:
+    """Wall-clock seconds the training of a :func:`pipeline_dir` folder took (the session that
+    finished it), or None for a folder built before the kit recorded it."""
+    record = Path(folder) / TRAINING_RECORD
+    return json.loads(record.read_text())["seconds"] if record.exists() else None
+
+
 def pipeline_dir(sizes: T2ISizes, seed: int = 0, progress: bool = True) -> Path:
     """The cached folder of the trained model for ``sizes`` (trained once, then reused).
 
@@ -332,7 +344,10 @@ def pipeline_dir(sizes: T2ISizes, seed: int = 0, progress: bool = True) -> Path:
         tmp = folder.with_name(folder.name + f".building-{os.getpid()}")
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
+        start = time.perf_counter()
         train_pipeline(tmp, sizes, seed, progress, checkpoint_dir=partial)
+        (tmp / TRAINING_RECORD).write_text(json.dumps(
+            {"seconds": time.perf_counter() - start}))     # the session that finished it
         try:
             os.replace(tmp, folder)
         except OSError:                  # another process finished first
@@ -382,5 +397,5 @@ def most_similar_digits(similarity: Tensor, digit: int, k: int = 2) -> list[int]
 
 __all__ = ["SPEC", "WORDS", "COLOURS", "BACKGROUNDS", "HELDOUT_COMBOS", "T2ISizes",
            "CaptionedDigits", "make_dataset", "DigitColourClassifier", "train_evaluator",
-           "judge", "train_pipeline", "pipeline_dir", "heldout_prompts", "digit_similarity",
-           "most_similar_digits", "colourise"]
+           "judge", "train_pipeline", "pipeline_dir", "training_seconds", "heldout_prompts",
+           "digit_similarity", "most_similar_digits", "colourise"]
