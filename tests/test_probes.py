@@ -186,3 +186,15 @@ def test_the_notebook_set_and_the_headline_set_share_rows(monkeypatch, tmp_path)
     assert [r["P(c_f)"] for r in head["SA"]] == pytest.approx([0.0, 0.1, 0.2])
     assert C.headline_rows("cvae", profile) == head
     assert C.headline_rows("ddpm", profile) is None
+
+
+def test_training_seconds_reads_the_record_and_says_none_without_one(tmp_path):
+    """The text model's training time ('method seconds' of the retrained model) comes from the
+    record pipeline_dir writes; a folder built before the record existed reports None ('-')."""
+    import json
+    from sa_kit.sd import digits as D
+    assert D.training_seconds(tmp_path) is None
+    (tmp_path / D.TRAINING_RECORD).write_text(json.dumps({"seconds": 412.5}))
+    assert D.training_seconds(tmp_path) == 412.5
+    s = C.summarise({"retrained": [{"method seconds": None}] * 2}, ["method seconds"])
+    assert C.format_table(s, 2).split()[-1] == "-"
