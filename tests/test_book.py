@@ -7,9 +7,10 @@ in this session (e.g. ``pytest tests/test_book.py`` alone) is executed here firs
 profile (``SA_KIT_BROWSER_CACHE`` names a lasting cache for that, as in ``test_browser.py``).
 
 Debian's Chromium (Playwright, no browser download) then opens every page from ``file://`` and
-checks, per chapter, that the formulas are typeset by the site's own MathJax, that each figure the notebook made is on the page and decodes, that each
-table it printed is there, that the launch links point at the chapter, and that the shared pages
-(glossary, references, outlook, instructors) are linked and filled. Set
+checks, per chapter, that the formulas are typeset by the site's own MathJax, that each figure
+the notebook made is on the page and decodes, that each table it printed is there, that the
+launch links point at the chapter, and that the shared pages (glossary, references, outlook,
+instructors) are linked and filled. Set
 ``SA_KIT_BOOK_OUT=<dir>`` to keep the built site.
 """
 from __future__ import annotations

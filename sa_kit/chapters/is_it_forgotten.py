@@ -32,8 +32,8 @@ from sa_kit.profiles import DDPMSizes, MNISTSizes, ProbeSizes
 
 __all__ = ["without_class", "cvae_methods", "ddpm_methods", "t2i_methods",
            "probe_class_conditional", "probe_t2i", "invert_class_embedding", "probe_family",
-           "headline_rows", "show_headline", "columns", "RelearnExplorer", "cached_row", "summarise", "format_table",
-           "html_table", "TOKEN"]
+           "headline_rows", "show_headline", "columns", "RelearnExplorer", "cached_row",
+           "summarise", "format_table", "html_table", "TOKEN"]
 
 TOKEN = "sks"      # textual inversion's new word (the usual rare token of DreamBooth-style work)
 
