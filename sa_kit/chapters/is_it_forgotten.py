@@ -291,7 +291,8 @@ def probe_t2i(pipe_dir: str, classifier: nn.Module, forget_digit: int, sizes: Pr
 
     def judge(a: nn.Module) -> float:
         from diffusers import StableDiffusionPipeline
-        p = StableDiffusionPipeline(**{**pipe.components, "unet": a.unet})
+        p = StableDiffusionPipeline(**{**pipe.components, "unet": a.unet},
+                                    requires_safety_checker=False)
         p.set_progress_bar_config(disable=True)
         return float(p_forget(p, few).mean())
 
@@ -321,7 +322,8 @@ def _textual_inversion(pipe: Any, latents: Tensor, prompts: Sequence[str],
     from sa_kit.sd.adapter import SDAdapter
     p = StableDiffusionPipeline(**{**pipe.components,
                                    "tokenizer": copy.deepcopy(pipe.tokenizer),
-                                   "text_encoder": copy.deepcopy(pipe.text_encoder)})
+                                   "text_encoder": copy.deepcopy(pipe.text_encoder)},
+                                requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     p.tokenizer.add_tokens([TOKEN])
     p.text_encoder.resize_token_embeddings(len(p.tokenizer))
