@@ -70,9 +70,11 @@ def chapter3(profile: Any) -> list[str]:
 
 
 def chapter4(profile: Any) -> list[str]:
-    """Every method the probes compare (retrained models, SA, naive, ESD, UCE), probed per seed.
+    """What notebook 04 computes: the profile's methods and seeds (``ProbeSizes.seeds``,
+    ``t2i_methods``), each made (retrained models, forgetting runs, edits) and probed.
 
-    The rows of chapter 4's tables are cached, so the chapter then reads them in seconds.
+    The rows of chapter 4's tables are cached, so the chapter then reads them in seconds; the
+    headline tables (every method, more seeds) are ``benchmarks/probes.py``'s.
     """
     from sa_kit.chapters import is_it_forgotten as ch
     for family in ch.FAMILIES:

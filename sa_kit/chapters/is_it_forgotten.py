@@ -438,10 +438,13 @@ def probe_family(family: str, profile: Any, progress: bool = False, headline: bo
         seeds, methods = ps.seeds, ps.t2i_methods
         if family == "t2i" and ps.t2i_seeds is not None:
             seeds = ps.t2i_seeds
+    if family == "t2i":                                  # the evaluator, once for every seed
+        from sa_kit.chapters.text_to_image import t2i_evaluator
+        clf = t2i_evaluator(profile.sd.model_sizes, progress=progress)
+    else:
+        clf, train, test = _evaluator_and_test(family, profile, progress)
     for seed in seeds:
         if family == "t2i":
-            from sa_kit.chapters.text_to_image import t2i_evaluator
-            clf = t2i_evaluator(profile.sd.model_sizes, progress=progress)
             made = t2i_methods(profile.sd.run, profile.sd.model_sizes, FORGET[family],
                                T2I_SURROGATE, seed, methods)
             for name, (folder, secs) in made.items():
@@ -452,7 +455,6 @@ def probe_family(family: str, profile: Any, progress: bool = False, headline: bo
                     "method seconds": secs}              # as the method's own run recorded
                 rows.setdefault(name, []).append(row)
             continue
-        clf, train, test = _evaluator_and_test(family, profile, progress)
         made = (cvae_methods(profile.mnist, FORGET[family], seed, progress) if family == "cvae"
                 else ddpm_methods(profile.ddpm, FORGET[family], seed, progress))
         for name, (model, secs) in made.items():
